@@ -27,7 +27,7 @@ def _weights(shape, dtype, rng, kind):
     return w.to(dtype)
 
 
-@pytest.mark.parametrize("quant_type,blocksize", itertools.product(["nf4", "fp4"], BLOCKSIZES))
+@pytest.mark.parametrize("quant_type,blocksize", list(itertools.product(["nf4", "fp4"], BLOCKSIZES)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_packed_absmax_and_dequant_identical_to_bnb(quant_type, blocksize, dtype, rng):
     for shape, kind in itertools.product(SHAPES, ["gauss", "outliers", "constant", "zeros"]):
