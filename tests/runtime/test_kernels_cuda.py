@@ -1,0 +1,114 @@
+"""CUDA kernels: compiled with nvcc for sm75/sm80/sm90 everywhere (CI has nvcc but no GPU), and
+checked against the reference on a real GPU when one is present (skipped otherwise)."""
+
+import shutil
+
+import pytest
+import torch
+
+from kbitc.compiler.kernels import build_kernels
+from kbitc.runtime import dispatch
+from kbitc.runtime.kernel_spec import KernelSpec
+from tests.runtime import kernel_checks as checks
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cmake") is None,
+                                reason="needs nvcc and cmake to compile CUDA kernels")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+
+CASES_4BIT = [("nf4", 64), ("fp4", 64), ("nf4", 4096)]
+ACT_DTYPES = ("f16", "bf16")
+
+
+def cuda_specs(target, dtypes=ACT_DTYPES, cases=CASES_4BIT):
+    specs = []
+    for dtype in dtypes:
+        for qt, bs in cases:
+            specs += [KernelSpec(op, target, dtype, qt, bs) for op in ("dequantize_4bit", "linear_4bit", "quantize_4bit")]
+        specs += [KernelSpec(op, target, dtype, "", 256) for op in ("quantize_blockwise", "dequantize_blockwise")]
+        specs += [KernelSpec(op, target, dtype) for op in ("int8_quant", "int8_linear")]
+    specs += [KernelSpec("quantize_4bit", target, "f32", "nf4", 64),
+              KernelSpec("quantize_blockwise", target, "f32", "", 256),
+              KernelSpec("dequantize_blockwise", target, "f32", "", 256)]
+    return specs
+
+
+@needs_nvcc
+@pytest.mark.parametrize("target", ["sm75", "sm80", "sm90"])
+def test_cuda_kernels_compile(target):
+    """Every op renders and compiles for the target (a broken template fails here, without a GPU)."""
+    library_specs = cuda_specs(target, cases=[("nf4", 64), ("fp4", 4096)])
+    library = build_kernels(library_specs, register=False)
+    assert set(library.specs) == {s.name for s in library_specs}
+
+
+@pytest.fixture(scope="module")
+def gpu_target():
+    major, minor = torch.cuda.get_device_capability()
+    target = f"sm{major}{minor}"
+    saved = dict(dispatch._REGISTRY)
+    dispatch.unregister_all()
+    build_kernels(cuda_specs(target))
+    yield target
+    dispatch.unregister_all()
+    dispatch._REGISTRY.update(saved)
+
+
+@needs_gpu
+@needs_nvcc
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+@pytest.mark.parametrize("quant_type,blocksize", CASES_4BIT)
+def test_4bit_kernels_on_gpu(gpu_target, dtype, quant_type, blocksize, rng):
+    tdtype = checks.TORCH_DTYPES[dtype]
+    for op in ("dequantize_4bit", "linear_4bit", "quantize_4bit"):
+        checks.assert_kernel_used(op, "cuda", tdtype, quant_type, blocksize)
+    checks.check_dequantize_4bit("cuda", tdtype, quant_type, blocksize, rng)
+    checks.check_linear_4bit("cuda", tdtype, quant_type, blocksize, rng, ms=(1, 3, 8, 9, 17, 64, 300))
+    checks.check_quantize_4bit("cuda", tdtype, quant_type, blocksize, rng)
+
+
+@needs_gpu
+@needs_nvcc
+@pytest.mark.parametrize("dtype", ACT_DTYPES + ("f32",))
+def test_8bit_and_int8_kernels_on_gpu(gpu_target, dtype, rng):
+    tdtype = checks.TORCH_DTYPES[dtype]
+    checks.check_blockwise("cuda", tdtype, 256, rng)
+    if dtype != "f32":
+        checks.assert_kernel_used("int8_linear", "cuda", tdtype)
+        checks.check_int8("cuda", tdtype, rng, ms=(1, 3, 17, 64, 300))
+    else:
+        checks.check_quantize_4bit("cuda", tdtype, "nf4", 64, rng)
+
+
+@needs_gpu
+@needs_nvcc
+def test_kernels_are_cuda_graph_capturable_and_compile_fullgraph(gpu_target, rng):
+    import kbitc.quant as kq
+    from kbitc.runtime.reference import quant_state_args
+
+    w = torch.randn(256, 512, generator=rng)
+    packed, state = kq.quantize_4bit(w, "nf4", 64)
+    qargs = [t.cuda() if isinstance(t, torch.Tensor) else t for t in quant_state_args(state)]
+    packed = packed.cuda()
+    wq, scb = [t.cuda() for t in kq.int8_vectorwise_quant(torch.randn(128, 512, generator=rng))]
+    x = torch.randn(4, 512, generator=rng).cuda().bfloat16()
+
+    def step(inp):
+        y = torch.ops.kbitc.linear_4bit(inp, packed, *qargs, None, "nf4", 64, 256)
+        return y, torch.ops.kbitc.int8_linear(inp, wq, scb, None, 6.0)
+
+    eager = step(x)
+    static_x = x.clone()
+    step(static_x)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(static_x)
+    x2 = torch.randn(4, 512, generator=rng).cuda().bfloat16()
+    static_x.copy_(x2)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = step(x2)
+    assert torch.equal(captured[0], expected[0]) and torch.equal(captured[1], expected[1])
+    compiled = torch.compile(step, fullgraph=True)
+    out = compiled(x)
+    assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
