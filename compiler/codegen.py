@@ -81,3 +81,29 @@ def render_library(specs: list[KernelSpec]) -> RenderedLibrary:
         module_name=module_name, sources=kernel_files,
         cuda_arch="" if is_cpu else target.removeprefix("sm"), cpu_flags=CPU_FLAGS.get(target, []))
     return RenderedLibrary(module_name, target, tuple(specs), sources)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Render every op's kernels for a target into a folder, to read them or build them by hand:
+    python -m kbitc.compiler.codegen --target cpu_avx2 --out build/kernels
+    cmake -S . -B build/cmake -DKBITC_RENDERED_DIR=build/kernels && cmake --build build/cmake"""
+    import argparse
+    from pathlib import Path
+
+    from kbitc.compiler.kernels import all_specs
+
+    parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", required=True, help="cpu_avx2, cpu_avx512, sm75 ... sm90")
+    parser.add_argument("--dtype", action="append", help="activation dtype (repeatable); default f32/bf16 on CPU, f16/bf16 on CUDA")
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    dtypes = tuple(args.dtype or (("f32", "bf16") if args.target.startswith("cpu") else ("f16", "bf16")))
+    lib = render_library(all_specs(args.target, dtypes))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in lib.sources.items():
+        (args.out / name).write_text(text)
+    print(f"rendered {len(lib.specs)} kernels of {lib.module_name} into {args.out}")
+
+
+if __name__ == "__main__":
+    main()
