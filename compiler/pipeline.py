@@ -1,0 +1,111 @@
+"""`kbitc.compile`: the stage order, in one function."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+import kbitc
+from kbitc.compiler import passes as P
+from kbitc.compiler.artifact import staging_folder, write_manifest
+from kbitc.compiler.codegen import render_library
+from kbitc.compiler.config import CompileConfig
+from kbitc.compiler.frontend import TOKENIZER_FILES, load_model
+from kbitc.runtime import build, dispatch
+from kbitc.runtime.kernel_spec import DTYPES
+from kbitc.runtime.manifest import KERNELS, PROGRAM, WEIGHTS
+from kbitc.runtime.safetensors_stream import StreamingSafetensorsWriter
+
+METADATA_ROOM_PER_LAYER = 512
+
+
+def resolve_target(target: str) -> str:
+    return dispatch.native_cpu_target() if target == "cpu" else target
+
+
+def compile(model, config: Optional[CompileConfig] = None, output: str | Path = "model.kbit",
+            force: bool = False, progress: bool = True, **config_fields) -> Path:
+    """Compile MODEL (HF folder, .pt2, or package.module:factory) into a .kbit artifact folder."""
+    config = config or CompileConfig(**config_fields)
+    output = Path(output)
+    started = time.perf_counter()
+    target = resolve_target(config.target)
+    dtype = getattr(torch, DTYPES[config.activation_dtype])
+    bar = (lambda it, **kw: tqdm(it, file=sys.stderr, **kw)) if progress else (lambda it, **kw: it)
+    with staging_folder(output, force) as stage:
+        stages = bar(["export", "select", "quantize", "rewrite", "verify", "kernels", "manifest"],
+                     desc="compile", unit="stage", leave=False)
+        stage_iter = iter(stages)
+        next(stage_iter)
+        front = load_model(str(model), dtype)
+        ctx = P.CompileContext(config, target, front.program.module(), front.weights, progress=bar)
+        next(stage_iter)
+        P.SelectLinears()(ctx)
+        next(stage_iter)
+        kept = _kept_tensors(ctx)
+        layout = {name: (t.dtype, tuple(t.shape)) for name, t in kept.items()}
+        for plan in ctx.layers.values():
+            layout.update(plan.output_layout())
+        writer = StreamingSafetensorsWriter(stage / WEIGHTS, layout,
+                                            metadata_reserve=METADATA_ROOM_PER_LAYER * (len(ctx.layers) + 1))
+        with writer:
+            ctx.write = writer.write
+            P.QuantizeLinears()(ctx)
+            for name, like in kept.items():
+                writer.write(name, ctx.weights.get(name).to(like.dtype))
+            writer.set_metadata({"kbitc": json.dumps({name: plan.quant_meta for name, plan in ctx.layers.items()})})
+        next(stage_iter)
+        P.RewriteLinears()(ctx)
+        P.AddKernelSpecs()(ctx)
+        next(stage_iter)
+        P.Verify()(ctx)
+        program = torch.export.export(ctx.graph_module, front.example_args, front.example_kwargs,
+                                      dynamic_shapes=front.dynamic_shapes, strict=False)
+        torch.export.save(program, str(stage / PROGRAM))
+        next(stage_iter)
+        kernels = _build_kernels(ctx, stage / KERNELS)
+        if front.tokenizer_dir is not None:
+            (stage / "tokenizer").mkdir()
+            for f in TOKENIZER_FILES + ("config.json",):
+                if (front.tokenizer_dir / f).is_file():
+                    shutil.copy2(front.tokenizer_dir / f, stage / "tokenizer" / f)
+        next(stage_iter)
+        write_manifest(stage, {
+            "kbitc_version": kbitc.__version__, "source": front.source, "config": config.to_json(),
+            "target": target, "is_causal_lm": front.is_causal_lm,
+            "layers": [plan.to_json() for plan in ctx.layers.values()], "kernels": kernels,
+            "compile_seconds": round(time.perf_counter() - started, 2)})
+    return output
+
+
+def _kept_tensors(ctx: P.CompileContext) -> dict[str, torch.Tensor]:
+    """Every tensor the program reads that is not a quantized weight (embeddings, norms, biases)."""
+    quantized = {plan.weight for plan in ctx.layers.values()}
+    state = dict(ctx.graph_module.named_parameters(remove_duplicate=False))
+    state.update(dict(ctx.graph_module.named_buffers(remove_duplicate=False)))
+    used = {n.target for n in ctx.graph.nodes if n.op == "get_attr"}
+    return {name: t for name, t in state.items() if name in used and name not in quantized}
+
+
+def _build_kernels(ctx: P.CompileContext, folder: Path) -> dict:
+    """Render the specs, build the library (cross-compiling CUDA with nvcc), bundle both."""
+    folder.mkdir()
+    if not ctx.kernel_specs:
+        return {"specs": [], "module_name": None}
+    rendered = render_library(sorted(ctx.kernel_specs, key=lambda s: s.name))
+    (folder / "src").mkdir()
+    for name, text in rendered.sources.items():
+        (folder / "src" / name).write_text(text)
+    is_cuda = not rendered.specs[0].is_cpu
+    built = build.build_library(rendered.module_name, rendered.sources, is_cuda,
+                                [s.name for s in rendered.specs])
+    shutil.copy2(built, folder / built.name)
+    return {"module_name": rendered.module_name, "library": f"{KERNELS}/{built.name}",
+            "abi": build.abi_tag(is_cuda), "specs": [s.to_json() for s in rendered.specs]}
