@@ -115,7 +115,9 @@ def load_hf_folder(folder: Path, dtype: torch.dtype = torch.float32) -> Frontend
         raise FrontendError(f"expected a Hugging Face model folder with config.json at {folder}")
     config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     config.use_cache = False
-    is_causal = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+    architectures = getattr(config, "architectures", None) or []
+    is_causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or (
+        not architectures and type(config) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING)
     auto = transformers.AutoModelForCausalLM if is_causal else transformers.AutoModel
     with parameters_on_meta():
         model = auto.from_config(config)

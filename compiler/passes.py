@@ -20,7 +20,7 @@ from kbitc.runtime.errors import KbitcError, NonFiniteWeightError
 from kbitc.runtime.kernel_spec import KernelSpec
 from kbitc.runtime.quant import blockwise, int8
 
-LINEAR_TARGETS = (torch.ops.aten.linear.default,)
+LINEAR_TARGETS = (torch.ops.aten.linear.default, torch.ops.aten.addmm.default)
 KBITC_TARGETS = (torch.ops.kbitc.linear_4bit.default, torch.ops.kbitc.int8_linear.default)
 
 
@@ -44,9 +44,21 @@ class CompileContext:
         return self.graph_module.graph
 
 
-def _weight_node(node: torch.fx.Node) -> Optional[torch.fx.Node]:
-    w = node.args[1] if len(node.args) > 1 else None
-    return w if isinstance(w, torch.fx.Node) and w.op == "get_attr" else None
+def _linear_parts(node: torch.fx.Node):
+    """(x, weight get_attr node, bias, transposed) of a linear-like node, or None.
+
+    aten.linear(x, W[out, in], bias) and aten.addmm(bias, x, W[in, out]) (GPT-2's Conv1D)."""
+    if node.target == torch.ops.aten.linear.default:
+        x, w = node.args[0], node.args[1]
+        bias, transposed = (node.args[2] if len(node.args) > 2 else None), False
+    else:
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return None
+        bias, x, w = node.args[0], node.args[1], node.args[2]
+        transposed = True
+    if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
+        return None
+    return x, w, bias, transposed
 
 
 def _attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
@@ -61,15 +73,18 @@ class SelectLinears:
         for node in ctx.graph.nodes:
             if node.op != "call_function" or node.target not in LINEAR_TARGETS:
                 continue
-            weight = _weight_node(node)
-            if weight is None:
+            parts = _linear_parts(node)
+            if parts is None:
                 continue  # a linear on a computed weight (rare): stays as it is
+            _, weight, bias, transposed = parts
             name = weight.target.removesuffix(".weight")
             settings = ctx.config.layer_settings(name)
             shape = tuple(_attr(ctx.graph_module, weight.target).shape)
             if settings is None or len(shape) != 2 or math.prod(shape) < ctx.config.min_params:
                 continue
-            bias = node.args[2] if len(node.args) > 2 and isinstance(node.args[2], torch.fx.Node) else None
+            if transposed:
+                shape = shape[::-1]
+            bias = bias if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
             if name in ctx.layers:  # the same weight used twice (tied): one plan, two call sites
                 node.meta["kbitc_layer"] = name
                 continue
@@ -77,7 +92,7 @@ class SelectLinears:
                 name=name, weight=weight.target, bias=None if bias is None else bias.target,
                 out_features=shape[0], in_features=shape[1], scheme=settings["scheme"],
                 blocksize=settings["blocksize"], double_quant=ctx.config.double_quant,
-                threshold=float(settings["threshold"]))
+                threshold=float(settings["threshold"]), transposed=transposed)
             node.meta["kbitc_layer"] = name
         return ctx
 
@@ -88,6 +103,8 @@ class QuantizeLinears:
     def __call__(self, ctx: CompileContext) -> CompileContext:
         for plan in ctx.progress(list(ctx.layers.values()), desc="quantizing", unit="layer"):
             w = ctx.weights.get(plan.weight)
+            if plan.transposed:
+                w = w.t().contiguous()
             try:
                 tensors, meta, w_hat = self._quantize(plan, w)
             except NonFiniteWeightError as exc:
@@ -133,8 +150,7 @@ class RewriteLinears:
             with ctx.graph.inserting_before(node):
                 get = {p: ctx.graph.get_attr(plan.tensor_name(p)) for p in
                        [k.rsplit(".kbitc_", 1)[1] for k in plan.output_layout()]}
-                x = node.args[0]
-                bias = node.args[2] if len(node.args) > 2 else None
+                x, _, bias, _ = _linear_parts(node)
                 if plan.scheme == "int8":
                     new = ctx.graph.call_function(torch.ops.kbitc.int8_linear.default,
                                                   (x, get["weight"], get["scb"], bias, plan.threshold))

@@ -22,6 +22,7 @@ class LayerPlan:
     blocksize: int
     double_quant: bool
     threshold: float
+    transposed: bool = False  # the stored weight is [in, out] (GPT-2's Conv1D, an aten.addmm)
     # filled by QuantizeLinears
     quant_meta: dict[str, Any] = dataclasses.field(default_factory=dict)
     sqnr_db: float = float("nan")
