@@ -180,9 +180,25 @@ def load_pt2(path: Path) -> FrontendResult:
     state = dict(program.state_dict)
     state.update({k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)})
     loaders = {k: (lambda v=v: v) for k, v in state.items()}
-    args, kwargs = program.example_inputs or ((), {})
+    if program.example_inputs is None:
+        raise FrontendError(f"{path} holds no example inputs; save it with a torch version that records "
+                            "them (2.5+) or pass package.module:factory instead")
+    args, kwargs = program.example_inputs
     source = {"kind": "pt2", "path": str(path), "sha256": {path.name: sha256_file(path)}}
-    return FrontendResult(program, WeightSource(loaders), tuple(args), dict(kwargs), None, source)
+    return FrontendResult(program, WeightSource(loaders), tuple(args), dict(kwargs),
+                          _auto_dynamic(args, kwargs), source)
+
+
+def _auto_dynamic(args, kwargs):
+    """Let torch.export decide which dimensions stay dynamic (it keeps those the program allows)."""
+    def spec(t):
+        return {i: torch.export.Dim.AUTO for i in range(t.dim())} if isinstance(t, torch.Tensor) else None
+
+    if kwargs and args:
+        return None  # positional names unknown here: export with static shapes
+    if kwargs:
+        return {k: spec(v) for k, v in kwargs.items()}
+    return tuple(spec(a) for a in args)
 
 
 def load_factory(spec: str) -> FrontendResult:
@@ -200,7 +216,7 @@ def load_factory(spec: str) -> FrontendResult:
     model, example = made
     example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
     model.eval()
-    dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() else None for t in example)
+    dynamic = _auto_dynamic(example, {})
     try:
         program = torch.export.export(model, example, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:

@@ -102,7 +102,7 @@ class QuantizeLinears:
 
     def __call__(self, ctx: CompileContext) -> CompileContext:
         for plan in ctx.progress(list(ctx.layers.values()), desc="quantizing", unit="layer"):
-            w = ctx.weights.get(plan.weight)
+            w = ctx.weights.get(plan.weight).detach()
             if plan.transposed:
                 w = w.t().contiguous()
             try:

@@ -59,7 +59,7 @@ def compile(model, config: Optional[CompileConfig] = None, output: str | Path = 
             ctx.write = writer.write
             P.QuantizeLinears()(ctx)
             for name, like in kept.items():
-                writer.write(name, ctx.weights.get(name).to(like.dtype))
+                writer.write(name, ctx.weights.get(name).detach().to(like.dtype))
             writer.set_metadata({"kbitc": json.dumps({name: plan.quant_meta for name, plan in ctx.layers.items()})})
         next(stage_iter)
         P.RewriteLinears()(ctx)

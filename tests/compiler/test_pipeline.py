@@ -194,3 +194,48 @@ def test_front_end_errors_are_clear(tmp_path):
         kbitc.compile(tmp_path / "empty", output=tmp_path / "x.kbit", progress=False)
     with pytest.raises(FrontendError, match="could not import"):
         kbitc.compile("no_such_module:factory", output=tmp_path / "x.kbit", progress=False)
+
+
+FACTORY = '''
+import torch
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(64, 256)
+        self.down = torch.nn.Linear(256, 64)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def make():
+    torch.manual_seed(0)
+    return MLP(), (torch.randn(3, 64),)
+'''
+
+
+def _mlp_reference(module, x):
+    out = x
+    for layer, act in ((module.up, torch.nn.functional.gelu), (module.down, lambda t: t)):
+        packed, state = kq.quantize_4bit(layer.weight.data, "nf4", 64)
+        out = act(torch.nn.functional.linear(out, kq.dequantize_4bit(packed, state), layer.bias.data))
+    return out
+
+
+def test_factory_and_pt2_front_ends(tmp_path, monkeypatch):
+    (tmp_path / "kbitc_test_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import kbitc_test_factory
+
+    module, (x,) = kbitc_test_factory.make()
+    x5 = torch.randn(5, 64)  # another batch size: the batch dimension is dynamic
+    out = kbitc.compile("kbitc_test_factory:make", output=tmp_path / "f.kbit", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(kbitc.load(out)(x5), _mlp_reference(module, x5), rtol=1e-5, atol=1e-5)
+    program = torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(tmp_path / "mlp.pt2"))
+    out = kbitc.compile(tmp_path / "mlp.pt2", output=tmp_path / "p.kbit", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(kbitc.load(out)(x5), _mlp_reference(module, x5), rtol=1e-5, atol=1e-5)
