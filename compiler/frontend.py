@@ -122,6 +122,8 @@ def load_hf_folder(folder: Path, dtype: torch.dtype = torch.float32) -> Frontend
     with parameters_on_meta():
         model = auto.from_config(config)
     model.eval()
+    if is_causal:
+        _return_logits_dict(model)
     for param in model.parameters():  # run (and export) in the compute dtype: free on meta
         if param.is_floating_point():
             param.data = param.data.to(dtype)
@@ -146,6 +148,17 @@ def load_hf_folder(folder: Path, dtype: torch.dtype = torch.float32) -> Frontend
               "sha256": {f.name: sha256_file(f) for f in files + [folder / "config.json"]}}
     return FrontendResult(program, WeightSource(loaders, aliases), (), {"input_ids": ids}, dynamic, source,
                           tokenizer, is_causal)
+
+
+def _return_logits_dict(model: torch.nn.Module) -> None:
+    """Make the exported program return {"logits": tensor}: a plain dict needs no transformers
+    import to deserialize (a ModelOutput does), so artifacts load where transformers is absent."""
+    forward = type(model).forward
+
+    def logits_only(self, input_ids):
+        return {"logits": forward(self, input_ids=input_ids, use_cache=False).logits}
+
+    model.forward = logits_only.__get__(model)
 
 
 def _max_positions(config) -> int:

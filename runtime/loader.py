@@ -38,8 +38,30 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{root / WEIGHTS} could not be read: {exc}") from exc
     _assign_tensors(module, state)
-    module.kbitc_manifest = manifest
-    return module
+    return CompiledModel(module, manifest)
+
+
+class Outputs(dict):
+    """A program's dict output with attribute access too (`out.logits` and `out["logits"]`)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError as exc:
+            raise AttributeError(name) from exc
+
+
+class CompiledModel(torch.nn.Module):
+    """A loaded artifact: the rewritten program running kbitc ops, plus its manifest."""
+
+    def __init__(self, program: torch.nn.Module, manifest: dict[str, Any]):
+        super().__init__()
+        self.program = program
+        self.kbitc_manifest = manifest
+
+    def forward(self, *args, **kwargs):
+        out = self.program(*args, **kwargs)
+        return Outputs(out) if isinstance(out, dict) else out
 
 
 def _load_kernels(root: Path, manifest: dict[str, Any], device: torch.device) -> None:
