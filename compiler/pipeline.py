@@ -49,7 +49,7 @@ def compile(model, config: Optional[CompileConfig] = None, output: str | Path = 
         next(stage_iter)
         P.SelectLinears()(ctx)
         next(stage_iter)
-        kept = _kept_tensors(ctx)
+        kept, tied = _kept_tensors(ctx)
         layout = {name: (t.dtype, tuple(t.shape)) for name, t in kept.items()}
         for plan in ctx.layers.values():
             layout.update(plan.output_layout())
@@ -79,19 +79,31 @@ def compile(model, config: Optional[CompileConfig] = None, output: str | Path = 
         next(stage_iter)
         write_manifest(stage, {
             "kbitc_version": kbitc.__version__, "source": front.source, "config": config.to_json(),
-            "target": target, "is_causal_lm": front.is_causal_lm,
+            "target": target, "is_causal_lm": front.is_causal_lm, "tied_weights": tied,
             "layers": [plan.to_json() for plan in ctx.layers.values()], "kernels": kernels,
             "compile_seconds": round(time.perf_counter() - started, 2)})
     return output
 
 
-def _kept_tensors(ctx: P.CompileContext) -> dict[str, torch.Tensor]:
-    """Every tensor the program reads that is not a quantized weight (embeddings, norms, biases)."""
+def _kept_tensors(ctx: P.CompileContext) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor the program reads that is not a quantized weight (embeddings, norms, biases),
+    once each: a tied weight (lm_head = embed_tokens) is stored under one name, the other aliased."""
     quantized = {plan.weight for plan in ctx.layers.values()}
     state = dict(ctx.graph_module.named_parameters(remove_duplicate=False))
     state.update(dict(ctx.graph_module.named_buffers(remove_duplicate=False)))
     used = {n.target for n in ctx.graph.nodes if n.op == "get_attr"}
-    return {name: t for name, t in state.items() if name in used and name not in quantized}
+    kept: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    first_name: dict[int, str] = {}
+    for name, t in state.items():
+        if name not in used or name in quantized:
+            continue
+        if id(t) in first_name:
+            tied[name] = first_name[id(t)]
+        else:
+            first_name[id(t)] = name
+            kept[name] = t
+    return kept, tied
 
 
 def _build_kernels(ctx: P.CompileContext, folder: Path) -> dict:

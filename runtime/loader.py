@@ -37,6 +37,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
         state = load_file(str(root / WEIGHTS), device=str(device))
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{root / WEIGHTS} could not be read: {exc}") from exc
+    for alias, name in manifest.get("tied_weights", {}).items():
+        if name not in state:
+            raise ArtifactError(f"tied weight {alias} points at {name}, which is not in {WEIGHTS}")
+        state[alias] = state[name]
     _assign_tensors(module, state)
     return CompiledModel(module, manifest)
 
@@ -101,11 +105,14 @@ def _assign_tensors(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     if set(state) != expected:
         raise ArtifactError(f"weights and program disagree: missing {sorted(expected - set(state))[:5]}, "
                             f"unexpected {sorted(set(state) - expected)[:5]}")
+    made: dict[int, torch.nn.Parameter] = {}  # tied weights share one Parameter
     for name, tensor in state.items():
         owner_path, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_path) if owner_path else module
         if name in params:
-            owner._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+            if id(tensor) not in made:
+                made[id(tensor)] = torch.nn.Parameter(tensor, requires_grad=False)
+            owner._parameters[attr] = made[id(tensor)]
         else:
             owner._buffers[attr] = tensor
 

@@ -239,3 +239,17 @@ def test_factory_and_pt2_front_ends(tmp_path, monkeypatch):
     out = kbitc.compile(tmp_path / "mlp.pt2", output=tmp_path / "p.kbit", progress=False)
     with torch.no_grad():
         torch.testing.assert_close(kbitc.load(out)(x5), _mlp_reference(module, x5), rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embeddings_are_stored_once(hf_models, tmp_path):
+    from safetensors import safe_open
+
+    out = kbitc.compile(hf_models["llama"], output=tmp_path / "m.kbit", min_params=1024, progress=False)
+    with safe_open(str(out / "weights.safetensors"), "pt") as f:
+        names = set(f.keys())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tied_weights"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    model = kbitc.load(out)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    assert params["program.lm_head.weight"] is params["program.model.embed_tokens.weight"]
