@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib
 import json
 import sys
@@ -20,6 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from kbitc.runtime.errors import KbitcError
+from kbitc.runtime.manifest import sha256_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json")
@@ -57,14 +57,6 @@ class FrontendResult:
     source: dict  # kind, path, sha256 of inputs
     tokenizer_dir: Optional[Path] = None
     is_causal_lm: bool = False
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
