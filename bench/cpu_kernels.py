@@ -2,10 +2,12 @@
 
 4-bit linear 4096x4096 (NF4, blocksize 64, double-quantized absmax) at M = 1 and M = 32 against
 bitsandbytes' eval-mode Linear4bit (compute_dtype float32) and torch.nn.functional.linear in
-float32 and bfloat16; quantize_4bit (NF4, blocksize 64) of a 4096x4096 float32 / bfloat16 tensor
-against bitsandbytes.functional.quantize_4bit. The kernels are rendered, built (cached, see
-KBITC_CACHE_DIR) and loaded exactly as the runtime does. Contenders are timed in interleaved rounds
-(median of round medians, warm-up first) so that drift on a shared machine hits them alike.
+float32 and bfloat16, for every kbitc CPU target this machine runs (cpu_avx512_bf16 with bf16
+activations is the vdpbf16ps kernel: codebook rounded to bf16, docs/kernel_abi.md); quantize_4bit
+(NF4, blocksize 64) of a 4096x4096 float32 / bfloat16 tensor against
+bitsandbytes.functional.quantize_4bit. The kernels are rendered, built (cached, see KBITC_CACHE_DIR)
+and loaded exactly as the runtime does. Contenders are timed in interleaved rounds (median of round
+medians, warm-up first) so that drift on a shared machine hits them alike.
 
 Run: python bench/cpu_kernels.py [--rounds N] [--no-append]   (appends its table to bench/RESULTS.md)
 """
@@ -44,6 +46,8 @@ def cpu_targets() -> list[str]:
     except (OSError, StopIteration):
         flags = set()
     targets = []
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"} <= flags:
+        targets.append("cpu_avx512_bf16")
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
         targets.append("cpu_avx512")
     if {"avx2", "fma", "f16c"} <= flags:
@@ -118,7 +122,8 @@ def linear_rows(libs: dict[str, KernelLibrary], rounds: int) -> list[str]:
                 call()
                 outs[spec.name] = out.float().clone()
                 timer.add(f"kbitc {target} NF4, {dtype} activations", call, repeats)
-        # validity: kbitc (f32) against the float64 product with the dequantized weight, and bnb
+        # validity: kbitc (f32) against the float64 product with the dequantized weight, and bnb and the
+        # bf16 kernels (bf16 x; cpu_avx512_bf16 also rounds the codebook to bf16) within bf16 accuracy
         ref = x.double() @ w_hat.t()
         scale = float(ref.abs().max())
         for name, out in outs.items():
@@ -202,8 +207,9 @@ def main() -> None:
     table = "\n".join(header + rows)
     table += ("\n\nLinear: bitsandbytes = eval-mode `bnb.nn.Linear4bit` (NF4, compress_statistics=True, "
               "compute_dtype float32, `torch.no_grad()`); kbitc = the generated `linear_4bit` kernel on the "
-              "same double-quantized NF4 weight (float32 accumulation). Quantize: \"vs bitsandbytes\" compares "
-              "with bitsandbytes' quantize_4bit without / with compress_statistics respectively; kbitc's "
+              "same double-quantized NF4 weight (float32 accumulation; cpu_avx512_bf16 with bf16 activations: "
+              "bf16-rounded codebook times bf16 x by vdpbf16ps, float32 block sums and scales). Quantize: "
+              "\"vs bitsandbytes\" compares with bitsandbytes' quantize_4bit without / with compress_statistics respectively; kbitc's "
               "double quant = the quantize_blockwise kernel on absmax - mean(absmax). Median of "
               f"{args.rounds} interleaved round medians.")
     if args.no_append:

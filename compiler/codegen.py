@@ -16,6 +16,10 @@ from kbitc.runtime.kernel_spec import CPU_TARGETS, KernelSpec
 CPU_FLAGS = {
     "cpu_avx2": ["-mavx2", "-mfma", "-mf16c"],
     "cpu_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    # cpu_avx512 plus AVX512_BF16 (vdpbf16ps) and AVX512_VNNI (vpdpwssd / vpdpbusd): Zen 4, Cooper Lake,
+    # Sapphire Rapids and later
+    "cpu_avx512_bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+                        "-mavx512bf16", "-mavx512vnni"],
 }
 CTYPES_CPU = {"f32": "float", "bf16": "kbitc_bf16", "f16": "kbitc_f16"}
 CTYPES_CUDA = {"f32": "float", "bf16": "__nv_bfloat16", "f16": "__half"}
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     from kbitc.compiler.kernels import all_specs
 
     parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", required=True, help="cpu_avx2, cpu_avx512, sm75 ... sm90")
+    parser.add_argument("--target", required=True, help="cpu_avx2, cpu_avx512, cpu_avx512_bf16, sm75 ... sm90")
     parser.add_argument("--dtype", action="append", help="activation dtype (repeatable); default f32/bf16 on CPU, f16/bf16 on CUDA")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)

@@ -36,16 +36,28 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+AVX512_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
+AVX512_BF16_FLAGS = AVX512_FLAGS | {"avx512_bf16", "avx512_vnni"}
+
+
 def native_cpu_target() -> str:
-    """The best CPU target this machine runs: cpu_avx512 or cpu_avx2."""
-    need512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
-    return "cpu_avx512" if need512 <= cpu_flags() else "cpu_avx2"
+    """The best CPU target this machine runs: cpu_avx512_bf16, cpu_avx512 or cpu_avx2."""
+    flags = cpu_flags()
+    if AVX512_BF16_FLAGS <= flags:
+        return "cpu_avx512_bf16"
+    return "cpu_avx512" if AVX512_FLAGS <= flags else "cpu_avx2"
 
 
 def check_target_runs_here(target: str) -> None:
-    if target == "cpu_avx512" and native_cpu_target() != "cpu_avx512":
+    if target in ("cpu_avx512", "cpu_avx512_bf16") and not AVX512_FLAGS <= cpu_flags():
         raise TargetUnavailableError(
-            "kernels were built for cpu_avx512 but this CPU lacks AVX-512; compile with --target cpu-avx2")
+            f"kernels were built for {target} but this CPU lacks AVX-512 (F/BW/VL/DQ); "
+            "compile with --target cpu-avx2")
+    if target == "cpu_avx512_bf16" and not AVX512_BF16_FLAGS <= cpu_flags():
+        missing = ", ".join(sorted(AVX512_BF16_FLAGS - cpu_flags()))
+        raise TargetUnavailableError(
+            f"kernels were built for cpu_avx512_bf16 but this CPU lacks {missing} (AVX512_BF16 / AVX512_VNNI); "
+            "compile with --target cpu-avx512 (or --target cpu for this machine's best ISA)")
     if target == "cpu_avx2" and not {"avx2", "fma", "f16c"} <= cpu_flags():
         raise TargetUnavailableError("kernels were built for cpu_avx2 but this CPU lacks AVX2/FMA/F16C")
     if target.startswith("sm"):

@@ -11,7 +11,7 @@ import dataclasses
 
 from kbitc.runtime.errors import UnsupportedInputError, expect
 
-CPU_TARGETS = ("cpu_avx2", "cpu_avx512")
+CPU_TARGETS = ("cpu_avx2", "cpu_avx512", "cpu_avx512_bf16")
 CUDA_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm90")
 TARGETS = CPU_TARGETS + CUDA_TARGETS
 
