@@ -46,6 +46,7 @@ class CompileConfig:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     min_params: int = 4096  # smaller linears stay 16-bit: nothing to gain
     overrides: tuple[LayerOverride, ...] = ()
+    trainable: bool = False  # also build the backward kernels (grad w.r.t. x) that LoRA training uses
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:

@@ -31,8 +31,8 @@ def all_specs(target: str, dtypes: tuple[str, ...], quant_types=("nf4", "fp4"), 
         for qt in quant_types:
             for bs in blocksizes:
                 specs += [KernelSpec(op, target, dtype, qt, bs)
-                          for op in ("dequantize_4bit", "linear_4bit", "quantize_4bit")]
+                          for op in ("dequantize_4bit", "linear_4bit", "quantize_4bit", "linear_4bit_grad_input")]
         for bs in blockwise_sizes:
             specs += [KernelSpec(op, target, dtype, "", bs) for op in ("quantize_blockwise", "dequantize_blockwise")]
-        specs += [KernelSpec(op, target, dtype) for op in ("int8_quant", "int8_linear")]
+        specs += [KernelSpec(op, target, dtype) for op in ("int8_quant", "int8_linear", "int8_linear_grad_input")]
     return specs

@@ -178,15 +178,18 @@ class RewriteLinears:
 
 
 class AddKernelSpecs:
-    """Record the kernel spec each kbitc node needs on the target."""
+    """Record the kernel spec each kbitc node needs on the target (and, for a trainable artifact,
+    the backward kernel of each: gradients w.r.t. the layer input, for LoRA)."""
 
     def __call__(self, ctx: CompileContext) -> CompileContext:
         dtype = ctx.config.activation_dtype
         for plan in ctx.layers.values():
             if plan.scheme == "int8":
-                ctx.kernel_specs.add(KernelSpec("int8_linear", ctx.target, dtype))
+                ops = ("int8_linear", "int8_linear_grad_input") if ctx.config.trainable else ("int8_linear",)
+                ctx.kernel_specs.update(KernelSpec(op, ctx.target, dtype) for op in ops)
             else:
-                ctx.kernel_specs.add(KernelSpec("linear_4bit", ctx.target, dtype, plan.scheme, plan.blocksize))
+                ops = ("linear_4bit", "linear_4bit_grad_input") if ctx.config.trainable else ("linear_4bit",)
+                ctx.kernel_specs.update(KernelSpec(op, ctx.target, dtype, plan.scheme, plan.blocksize) for op in ops)
         return ctx
 
 

@@ -42,7 +42,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
             raise ArtifactError(f"tied weight {alias} points at {name}, which is not in {WEIGHTS}")
         state[alias] = state[name]
     _assign_tensors(module, state)
-    return CompiledModel(module, manifest)
+    return CompiledModel(module, manifest, root)
 
 
 class Outputs(dict):
@@ -58,10 +58,11 @@ class Outputs(dict):
 class CompiledModel(torch.nn.Module):
     """A loaded artifact: the rewritten program running kbitc ops, plus its manifest."""
 
-    def __init__(self, program: torch.nn.Module, manifest: dict[str, Any]):
+    def __init__(self, program: torch.nn.Module, manifest: dict[str, Any], path: Path | None = None):
         super().__init__()
         self.program = program
         self.kbitc_manifest = manifest
+        self.kbitc_path = path  # the artifact folder it was loaded from (kbitc.lora.merge reads it)
 
     def forward(self, *args, **kwargs):
         out = self.program(*args, **kwargs)

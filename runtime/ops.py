@@ -4,6 +4,8 @@ The default implementation is the pure-PyTorch reference (runtime/reference.py).
 a call is routed to a generated kernel when a loaded library has one for its (dtype, quant type,
 blocksize) (runtime/dispatch.py). Codebooks and scales are op inputs. Ops are opaque to
 torch.compile / torch.export (no graph breaks) and launch without host synchronization.
+The quantized linears have autograd (gradient w.r.t. x through the `*_grad_input` ops) and run in
+the autocast dtype under torch.autocast (x and bias are cast; codebooks and scales are not).
 """
 
 from __future__ import annotations
@@ -219,5 +221,153 @@ def _(x, w, scb, bias, threshold):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
+# -- backward: gradients w.r.t. the input of the quantized linears ---------------------------------
+# The quantized weights are frozen: only x (and a bias that requires grad) get gradients. The
+# generated kernels decode W on the fly; the dequantized weight is never written to memory.
+
+@torch.library.custom_op("kbitc::linear_4bit_grad_input", mutates_args=())
+def linear_4bit_grad_input(grad_out: torch.Tensor, packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor,
+                           absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: float,
+                           quant_type: str, blocksize: int, in_features: int) -> torch.Tensor:
+    """grad_x [..., in_features] = grad_out [..., out_features] @ W_hat (float32 accumulation)."""
+    n = grad_out.shape[-1]
+    _check_4bit("linear_4bit_grad_input", packed, code, absmax, absmax2, code2, n * in_features, blocksize)
+    _same_device("linear_4bit_grad_input", grad_out, packed)
+    found = dispatch.lookup("linear_4bit_grad_input", grad_out.device, grad_out.dtype, quant_type, blocksize)
+    rows = grad_out.reshape(-1, n)
+    if found is None or rows.shape[0] == 0:
+        return reference.linear_4bit_grad_input(grad_out, packed, code, absmax, absmax2, code2, offset, blocksize,
+                                                in_features)
+    library, spec = found
+    rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], in_features, dtype=grad_out.dtype, device=grad_out.device)
+    library.call(spec, [rows, packed, code] + _scale_inputs(absmax, absmax2, code2), [out],
+                 [rows.shape[0], n, in_features], [offset])
+    return out.view(*grad_out.shape[:-1], in_features)
+
+
+@linear_4bit_grad_input.register_fake
+def _(grad_out, packed, code, absmax, absmax2, code2, offset, quant_type, blocksize, in_features):
+    return grad_out.new_empty(*grad_out.shape[:-1], in_features)
+
+
+@torch.library.custom_op("kbitc::int8_linear_grad_input", mutates_args=())
+def int8_linear_grad_input(grad_out: torch.Tensor, w: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """grad_x = grad_out @ (w * scb[:, None] / 127): the whole dequantized weight (docs/kernel_abi.md)."""
+    _same_device("int8_linear_grad_input", grad_out, w, scb)
+    expect(w.dtype == torch.int8 and w.dim() == 2 and w.shape[0] == grad_out.shape[-1] and scb.numel() == w.shape[0],
+           UnsupportedInputError,
+           f"int8_linear_grad_input: expected int8 weight [{grad_out.shape[-1]}, in] and one scale per row, got "
+           f"{w.dtype} {list(w.shape)} and {scb.numel()} scales")
+    n, k = w.shape
+    found = dispatch.lookup("int8_linear_grad_input", grad_out.device, grad_out.dtype)
+    rows = grad_out.reshape(-1, n)
+    if found is None or rows.shape[0] == 0:
+        return reference.int8_linear_grad_input(grad_out, w, scb)
+    library, spec = found
+    rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], k, dtype=grad_out.dtype, device=grad_out.device)
+    library.call(spec, [rows, w, scb], [out], [rows.shape[0], n, k])
+    return out.view(*grad_out.shape[:-1], k)
+
+
+@int8_linear_grad_input.register_fake
+def _(grad_out, w, scb):
+    return grad_out.new_empty(*grad_out.shape[:-1], w.shape[1])
+
+
+def _bias_grad(ctx, grad: torch.Tensor, index: int):
+    if not ctx.needs_input_grad[index]:
+        return None
+    return grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+
+
+def _setup_linear_4bit(ctx, inputs, output):
+    x, packed, code, absmax, absmax2, code2, offset, bias, quant_type, blocksize, _ = inputs
+    ctx.save_for_backward(packed, code, absmax, absmax2, code2)
+    ctx.offset, ctx.quant_type, ctx.blocksize, ctx.in_features = offset, quant_type, blocksize, x.shape[-1]
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward_linear_4bit(ctx, grad):
+    packed, code, absmax, absmax2, code2 = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = linear_4bit_grad_input(grad, packed, code, absmax, absmax2, code2, ctx.offset, ctx.quant_type,
+                                        ctx.blocksize, ctx.in_features)
+    return grad_x, None, None, None, None, None, None, _bias_grad(ctx, grad, 7), None, None, None
+
+
+def _setup_int8_linear(ctx, inputs, output):
+    x, w, scb, bias, _ = inputs
+    ctx.save_for_backward(w, scb)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward_int8_linear(ctx, grad):
+    w, scb = ctx.saved_tensors
+    grad_x = int8_linear_grad_input(grad, w, scb) if ctx.needs_input_grad[0] else None
+    return grad_x, None, None, _bias_grad(ctx, grad, 3), None
+
+
+def _setup_4bit_grad_input(ctx, inputs, output):
+    grad_out, packed, code, absmax, absmax2, code2, offset, quant_type, blocksize, _ = inputs
+    ctx.save_for_backward(packed, code, absmax, absmax2, code2)
+    ctx.offset, ctx.quant_type, ctx.blocksize, ctx.out_features = offset, quant_type, blocksize, grad_out.shape[-1]
+
+
+def _double_backward_4bit(ctx, gg):
+    """grad_x is linear in grad_out: its backward is the forward linear (double backward)."""
+    packed, code, absmax, absmax2, code2 = ctx.saved_tensors
+    grad = linear_4bit(gg, packed, code, absmax, absmax2, code2, ctx.offset, None, ctx.quant_type, ctx.blocksize,
+                       ctx.out_features)
+    return (grad,) + (None,) * 9
+
+
+def _setup_int8_grad_input(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _double_backward_int8(ctx, gg):
+    """gg @ W_hat^T in float (int8_linear would quantize gg: not the exact derivative)."""
+    w, scb = ctx.saved_tensors
+    return torch.nn.functional.linear(gg.float(), reference.int8_weight_dequant(w, scb)).to(gg.dtype), None, None
+
+
+linear_4bit.register_autograd(_backward_linear_4bit, setup_context=_setup_linear_4bit)
+linear_4bit_grad_input.register_autograd(_double_backward_4bit, setup_context=_setup_4bit_grad_input)
+int8_linear_grad_input.register_autograd(_double_backward_int8, setup_context=_setup_int8_grad_input)
+int8_linear.register_autograd(_backward_int8_linear, setup_context=_setup_int8_linear)
+
+
+# -- autocast: the quantized linears run in the autocast dtype, as F.linear does -----------------
+# torch.library.register_autocast would cast every floating input, codebooks and float32 scales
+# included; only the activation and the bias (arguments `cast`) follow the autocast dtype.
+_AUTOCAST_LIB = torch.library.Library("kbitc", "IMPL")
+
+
+def _register_autocast(op_name: str, cast: tuple[int, ...]) -> None:
+    overload = getattr(torch.ops.kbitc, op_name).default
+    for device_type in _DEVICES:
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, *args, _device_type=device_type, _exclude=exclude):
+            dtype = torch.get_autocast_dtype(_device_type)
+            args = list(args)
+            for i in cast:
+                t = args[i]
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type == _device_type:
+                    args[i] = t.to(dtype)
+            with torch._C._ExcludeDispatchKeyGuard(_exclude):
+                return overload(*args)
+
+        _AUTOCAST_LIB.impl(op_name, kernel, key, with_keyset=True)
+
+
+_register_autocast("linear_4bit", cast=(0, 7))
+_register_autocast("int8_linear", cast=(0, 3))
+
+
 ALL_OPS = (dequantize_4bit, linear_4bit, quantize_4bit, quantize_blockwise, dequantize_blockwise,
-           int8_quant, int8_linear)
+           int8_quant, int8_linear, linear_4bit_grad_input, int8_linear_grad_input)

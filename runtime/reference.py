@@ -79,6 +79,25 @@ def int8_linear(x: torch.Tensor, w: torch.Tensor, scb: torch.Tensor, bias: Optio
     return int8.int8_linear(x, w, scb, bias, threshold)
 
 
+def linear_4bit_grad_input(grad_out: torch.Tensor, packed: torch.Tensor, code: torch.Tensor,
+                           absmax: torch.Tensor, absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor],
+                           offset: float, blocksize: int, in_features: int) -> torch.Tensor:
+    """grad_x = grad_out @ W_hat (float32 W_hat and accumulation, cast to grad_out's dtype)."""
+    n = grad_out.shape[-1]
+    w = dequantize_4bit(packed, code, absmax, absmax2, code2, offset, blocksize, (n, in_features), torch.float32)
+    return (grad_out.float() @ w).to(grad_out.dtype)
+
+
+def int8_weight_dequant(w: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """float32 W_hat[n, k] = w[n, k] * (scb[n] / 127): kbitc.quant.int8_vectorwise_dequant."""
+    return int8.int8_vectorwise_dequant(w, scb)
+
+
+def int8_linear_grad_input(grad_out: torch.Tensor, w: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """grad_x = grad_out @ W_hat, W_hat the whole dequantized int8 weight (outlier columns included)."""
+    return (grad_out.float() @ int8_weight_dequant(w, scb)).to(grad_out.dtype)
+
+
 def quant_state_args(state: QuantState) -> tuple:
     """(code, absmax, absmax2, code2, offset) of a QuantState, as the 4-bit ops take them."""
     nested: Optional[NestedAbsmax] = state.nested

@@ -60,6 +60,10 @@ def default_specs(target: str) -> list[KernelSpec]:
         KernelSpec("quantize_4bit", target, "bf16", "fp4", 4096),
         KernelSpec("quantize_blockwise", target, "f32", "", 4096),
     ]
+    for dtype in ("f16", "bf16", "f32"):  # backward (grad w.r.t. the input) of the quantized linears
+        specs += [KernelSpec("linear_4bit_grad_input", target, dtype, "nf4", 64),
+                  KernelSpec("int8_linear_grad_input", target, dtype)]
+    specs.append(KernelSpec("linear_4bit_grad_input", target, "bf16", "fp4", 4096))
     return specs
 
 
