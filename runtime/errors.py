@@ -26,3 +26,7 @@ def expect(condition: bool, error_type: type, message: str) -> None:
     """Raise `error_type(message)` unless `condition` holds (never an assert: user input)."""
     if not condition:
         raise error_type(message)
+
+
+class OptimizerConfigError(KbitcError, ValueError):
+    """An optimizer hyperparameter, parameter or gradient kbitc.optim cannot use (lr < 0, sparse grads...)."""
