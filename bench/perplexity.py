@@ -67,6 +67,22 @@ def bnb_model(folder: Path, scheme: str, device: str):
     return model.to(device)
 
 
+def bf16_size_mib(folder: Path) -> float:
+    """What the source model's weights take in bf16 (2 bytes per stored parameter)."""
+    from safetensors import safe_open
+
+    numel = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                count = 1
+                for d in shape:
+                    count *= d
+                numel += count
+    return numel * 2 / 2**20
+
+
 def compile_in_subprocess(model: Path, out: Path, target: str, scheme: str) -> tuple[float, float]:
     """Compile in a fresh process, so its peak RSS is the compile's alone: (seconds, GiB)."""
     code = ("import resource, sys, time, kbitc; t = time.perf_counter(); "
@@ -92,11 +108,12 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(args.model))
     windows = kjv_windows(tokenizer, args.text)
     rows = ["| model | scheme | kbitc ppl | bitsandbytes ppl | kbitc / bnb | compile s | peak RSS GiB | "
-            "artifact weights MiB |", "|---|---|---|---|---|---|---|---|"]
+            "artifact weights MiB | vs bf16 |", "|---|---|---|---|---|---|---|---|---|"]
     base = AutoModelForCausalLM.from_pretrained(str(args.model), torch_dtype=torch.float32).eval().to(args.device)
     base_ppl = perplexity(base, windows, args.device)
     del base
-    rows.append(f"| {args.model.name} | fp32 baseline | {base_ppl:.2f} | | | | | |")
+    bf16_mib = bf16_size_mib(args.model)
+    rows.append(f"| {args.model.name} | fp32 baseline | {base_ppl:.2f} | | | | | {bf16_mib:.0f} (bf16) | 1.00 |")
     tmp = Path(tempfile.mkdtemp(prefix="kbitc-ppl-"))
     for scheme in args.schemes.split(","):
         out = tmp / f"{scheme}.kbit"
@@ -106,7 +123,7 @@ def main() -> None:
                                                              args.device)
         size = (out / "weights.safetensors").stat().st_size / 2**20
         rows.append(f"| {args.model.name} | {scheme} | {ours:.2f} | {theirs:.2f} | {ours / theirs:.4f} | "
-                    f"{seconds:.0f} | {rss:.2f} | {size:.0f} |")
+                    f"{seconds:.0f} | {rss:.2f} | {size:.0f} | {size / bf16_mib:.2f} |")
         print(rows[-1], flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
     append_results(f"Perplexity, {WINDOWS} x {SEQ} tokens of the KJV Bible (Genesis), device {args.device}",

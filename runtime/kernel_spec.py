@@ -34,6 +34,18 @@ OP_SLOTS = {
     "int8_linear": dict(quant=False, blocksize=False, inputs=["x", "w", "scb", "bias"],
                         outputs=["out", "ws_codes", "ws_rowmax", "ws_mask"], dims=["m", "n", "k"],
                         scalars=["threshold"]),
+    # backward of linear_4bit w.r.t. x: grad_x[m,k] = sum_n grad_out[m,n] * w[n,k] (w decoded on the fly)
+    "linear_4bit_grad_input": dict(quant=True, blocksize=True, stem="linear_grad_input",
+                                   inputs=["grad_out", "packed", "code", "absmax", "absmax_q", "absmax2", "code2"],
+                                   outputs=["grad_x"], dims=["m", "n", "k"], scalars=["offset"]),
+    # backward of int8_linear w.r.t. x: grad_out @ (w * scb[:, None] / 127)
+    "int8_linear_grad_input": dict(quant=False, blocksize=False, inputs=["grad_out", "w", "scb"],
+                                   outputs=["grad_x"], dims=["m", "n", "k"], scalars=[]),
+    # fused 8-bit optimizer step (runtime/optim): quant_type names the update rule, dtype the param/grad
+    # dtype; param, codes and absmax are updated in place; hparams is a HOST float64[8] (docs/kernel_abi.md)
+    "optim_8bit": dict(quant=True, blocksize=True, stem="optim8", quant_types=("adam", "lion", "momentum"),
+                       inputs=["grad", "qmap1", "mid1", "qmap2", "mid2", "hparams"],
+                       outputs=["param", "state1", "state2", "absmax"], dims=["n"], scalars=[]),
 }
 DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 CPU_ACT_DTYPES = ("f32", "bf16")
@@ -60,6 +72,9 @@ class KernelSpec:
         slots = OP_SLOTS[self.op]
         expect(bool(self.quant_type) == slots["quant"], UnsupportedInputError,
                f"op {self.op} {'needs' if slots['quant'] else 'takes no'} quant_type, got {self.quant_type!r}")
+        if "quant_types" in slots:
+            expect(self.quant_type in slots["quant_types"], UnsupportedInputError,
+                   f"expected quant_type in {slots['quant_types']} for op {self.op}, got {self.quant_type!r}")
         expect(bool(self.blocksize) == slots["blocksize"], UnsupportedInputError,
                f"op {self.op} {'needs' if slots['blocksize'] else 'takes no'} blocksize, got {self.blocksize}")
 
@@ -75,7 +90,8 @@ class KernelSpec:
     def name(self) -> str:
         parts = ["kbitc", self.target]
         parts.append(self.quant_type or ("q8" if "blockwise" in self.op else "int8" if "int8" in self.op else ""))
-        parts += [self.op.removeprefix("int8_").removesuffix("_4bit").removesuffix("_blockwise"), self.dtype]
+        stem = OP_SLOTS[self.op].get("stem") or self.op.removeprefix("int8_").removesuffix("_4bit").removesuffix("_blockwise")
+        parts += [stem, self.dtype]
         if self.blocksize:
             parts.append(f"b{self.blocksize}")
         parts += [f"{k}{v}" for k, v in self.config]

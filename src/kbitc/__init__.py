@@ -7,7 +7,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-from kbitc import lora, quant  # noqa: E402,F401
+from kbitc import lora, optim, quant  # noqa: E402,F401
 from kbitc.runtime.errors import KbitcError  # noqa: E402,F401
 
 

@@ -77,8 +77,10 @@ def _fail(exc: Exception) -> None:
               help="JSON/YAML per-layer overrides, e.g. {\"*down_proj\": \"int8\"}.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The .kbit folder to write.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--trainable", is_flag=True, help="Also build the backward kernels (gradients w.r.t. layer "
+              "inputs) that LoRA training (kbitc.lora) runs on.")
 def compile(model, target, scheme, blocksize, double_quant, threshold, compute_dtype, include, exclude, plan,
-            output, force):
+            output, force, trainable):
     """Compile MODEL into a quantized .kbit artifact.
 
     MODEL is a Hugging Face model folder (config.json + *.safetensors, read offline), a saved
@@ -94,7 +96,7 @@ def compile(model, target, scheme, blocksize, double_quant, threshold, compute_d
         config = CompileConfig(target=target.replace("-", "_"), scheme=scheme, blocksize=blocksize,
                                double_quant=double_quant, threshold=threshold, compute_dtype=compute_dtype or "",
                                include=tuple(include) or ("*",), exclude=tuple(exclude) or DEFAULT_EXCLUDE,
-                               overrides=load_plan(plan) if plan else ())
+                               overrides=load_plan(plan) if plan else (), trainable=trainable)
         path = run_compile(model, config, output, force=force)
     except KbitcError as exc:
         _fail(exc)
@@ -158,6 +160,53 @@ def generate(artifact, prompt, max_new_tokens, temperature, seed, device):
     except KbitcError as exc:
         _fail(exc)
     click.echo(text)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A UTF-8 text file; its last --heldout fraction is held out for perplexity.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for the adapters (PEFT layout), the report and, on Ctrl-C, a checkpoint.")
+@click.option("--r", "r", default=16, show_default=True, help="LoRA rank.")
+@click.option("--alpha", default=32.0, show_default=True, help="LoRA alpha (scaling = alpha / r).")
+@click.option("--dropout", default=0.05, show_default=True)
+@click.option("--rslora", is_flag=True, help="Scale by alpha / sqrt(r) (rank-stabilised LoRA).")
+@click.option("--target", "targets", multiple=True,
+              help="Adapt layers matching this glob (repeatable; default: every quantized linear).")
+@click.option("--steps", default=200, show_default=True)
+@click.option("--lr", default=2e-3, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--seq-len", default=128, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adamw8bit", "adam8bit", "lion8bit", "paged_adamw8bit", "adamw"]),
+              default="adamw8bit", show_default=True)
+@click.option("--heldout", default=0.1, show_default=True, help="Fraction of the text held out.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Continue from a checkpoint written on Ctrl-C (OUT/checkpoint).")
+def finetune(artifact, data, out, r, alpha, dropout, rslora, targets, steps, lr, batch_size, seq_len, optimizer,
+             heldout, seed, device, resume):
+    """Train LoRA adapters (QLoRA) on a compiled causal LM's frozen k-bit weights.
+
+    Prints the held-out perplexity before and after; the adapters load back with
+    kbitc.lora.load and into PEFT on the original 16-bit model. Ctrl-C saves OUT/checkpoint;
+    run again with --resume OUT/checkpoint to continue exactly there."""
+    from kbitc.runtime.finetune import FinetuneConfig, finetune as run_finetune
+
+    try:
+        cfg = FinetuneConfig(r=r, alpha=alpha, dropout=dropout, targets=list(targets) or None, use_rslora=rslora,
+                             steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
+                             heldout_fraction=heldout, seed=seed, device=device)
+        report = run_finetune(artifact, data.read_text(encoding="utf-8"), out, cfg, resume=resume,
+                              progress=lambda it, **kw: tqdm(it, **kw))
+    except KbitcError as exc:
+        _fail(exc)
+    except KeyboardInterrupt as exc:
+        click.echo(f"\n{exc}", err=True)
+        sys.exit(130)
+    click.echo(f"held-out perplexity {report['heldout_ppl_before']:.2f} -> {report['heldout_ppl_after']:.2f} "
+               f"({report['steps']} steps, {report['tokens_per_s'] or 0:.0f} tokens/s); adapters in {out}")
 
 
 if __name__ == "__main__":
