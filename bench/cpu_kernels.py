@@ -90,6 +90,11 @@ def linear_rows(libs: dict[str, KernelLibrary], rounds: int) -> list[str]:
     layer.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True,
                                      blocksize=BLOCKSIZE)
     layer = layer.to("cpu").eval()
+    layer_bf16 = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                                   quant_type="nf4")
+    layer_bf16.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4",
+                                          compress_statistics=True, blocksize=BLOCKSIZE)
+    layer_bf16 = layer_bf16.to("cpu").eval()
     packed, state = kq.quantize_4bit(w, "nf4", BLOCKSIZE, double_quant=True)
     w_hat = kq.dequantize_4bit(packed, state).double()
     rows = []
@@ -109,6 +114,14 @@ def linear_rows(libs: dict[str, KernelLibrary], rounds: int) -> list[str]:
                 return layer(x)
 
         timer.add("bitsandbytes Linear4bit NF4 (eval)", bnb_call, repeats)
+        with torch.no_grad():
+            outs["bnb bf16"] = layer_bf16(x_bf16)
+
+        def bnb_bf16_call():
+            with torch.no_grad():
+                return layer_bf16(x_bf16)
+
+        timer.add("bitsandbytes Linear4bit NF4 (eval), bf16 activations", bnb_bf16_call, repeats)
         for target, lib in libs.items():
             for dtype in ("f32", "bf16"):
                 spec = KernelSpec("linear_4bit", target, dtype, "nf4", BLOCKSIZE)
@@ -206,7 +219,8 @@ def main() -> None:
     rows = linear_rows(libs, args.rounds) + quantize_rows(libs, args.rounds)
     table = "\n".join(header + rows)
     table += ("\n\nLinear: bitsandbytes = eval-mode `bnb.nn.Linear4bit` (NF4, compress_statistics=True, "
-              "compute_dtype float32, `torch.no_grad()`); kbitc = the generated `linear_4bit` kernel on the "
+              "compute_dtype float32 with float32 x, and compute_dtype bfloat16 with bfloat16 x, `torch.no_grad()`; the "
+              "\"vs bnb\" column is against the float32 one); kbitc = the generated `linear_4bit` kernel on the "
               "same double-quantized NF4 weight (float32 accumulation; cpu_avx512_bf16 with bf16 activations: "
               "bf16-rounded codebook times bf16 x by vdpbf16ps, float32 block sums and scales). Quantize: "
               "\"vs bitsandbytes\" compares with bitsandbytes' quantize_4bit without / with compress_statistics respectively; kbitc's "
