@@ -189,6 +189,9 @@ class AddKernelSpecs:
                 ctx.kernel_specs.update(KernelSpec(op, ctx.target, dtype) for op in ops)
             else:
                 ops = ("linear_4bit", "linear_4bit_grad_input") if ctx.config.trainable else ("linear_4bit",)
+                if not KernelSpec("linear_4bit", ctx.target, dtype, plan.scheme, plan.blocksize).is_cpu \
+                        and dtype != "f32":
+                    ops += ("dequantize_4bit",)  # many rows on CUDA: dequantize + cuBLAS (runtime/ops.py)
                 ctx.kernel_specs.update(KernelSpec(op, ctx.target, dtype, plan.scheme, plan.blocksize) for op in ops)
         return ctx
 

@@ -18,6 +18,11 @@ from kbitc.runtime import dispatch, reference
 from kbitc.runtime.errors import UnsupportedInputError, expect
 
 _DEVICES = ("cpu", "cuda")
+# On CUDA, a 4-bit linear over at least this many rows of 16-bit activations dequantizes the weight
+# with the dequantize_4bit kernel (~2 TB/s on an H100) into a transient buffer and runs cuBLAS: at
+# M = 2048 that is ~0.85x of a bf16 linear, where the fused mma GEMM reaches 0.25x (bench/RESULTS.md).
+# Fewer rows keep the fused kernels (GEMV / GEMM), which read the packed weight only.
+CUDA_DEQUANT_GEMM_MIN_ROWS = 256
 
 
 def _same_device(what: str, *tensors: Optional[torch.Tensor]) -> None:
@@ -88,6 +93,15 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor, absma
     expect(bias is None or (bias.numel() == out_features and bias.dtype == x.dtype), UnsupportedInputError,
            f"linear_4bit: expected a bias of {out_features} {x.dtype} values, got "
            f"{None if bias is None else (bias.numel(), bias.dtype)}")
+    rows_count = x.numel() // k if k else 0
+    if x.device.type == "cuda" and rows_count >= CUDA_DEQUANT_GEMM_MIN_ROWS and x.dtype != torch.float32:
+        deq = dispatch.lookup("dequantize_4bit", x.device, x.dtype, quant_type, blocksize)
+        if deq is not None:  # many rows: dequantize once (a transient weight), then cuBLAS
+            library, spec = deq
+            w = torch.empty(out_features, k, dtype=x.dtype, device=x.device)
+            library.call(spec, [packed, code] + _scale_inputs(absmax, absmax2, code2), [w], [out_features * k],
+                         [offset])
+            return torch.nn.functional.linear(x, w, bias)
     found = dispatch.lookup("linear_4bit", x.device, x.dtype, quant_type, blocksize)
     if found is None:
         return reference.linear_4bit(x, packed, code, absmax, absmax2, code2, offset, bias, blocksize, out_features)
