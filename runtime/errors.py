@@ -22,10 +22,11 @@ class BnbFormatError(KbitcError, ValueError):
     """A bitsandbytes state dict is missing keys or holds inconsistent tensors."""
 
 
-def expect(condition: bool, error_type: type, message: str) -> None:
-    """Raise `error_type(message)` unless `condition` holds (never an assert: user input)."""
+def expect(condition: bool, error_type: type, message) -> None:
+    """Raise `error_type(message)` unless `condition` holds (never an assert: user input).
+    `message` may be a zero-argument callable: hot paths (every op call) then build it only on failure."""
     if not condition:
-        raise error_type(message)
+        raise error_type(message() if callable(message) else message)
 
 
 class OptimizerConfigError(KbitcError, ValueError):

@@ -8,6 +8,7 @@ Every generated kernel has the same C ABI (see codegen_templates/common/kbitc_ab
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from kbitc.runtime.errors import UnsupportedInputError, expect
 
@@ -86,7 +87,7 @@ class KernelSpec:
     def device_type(self) -> str:
         return "cpu" if self.is_cpu else "cuda"
 
-    @property
+    @functools.cached_property  # read on every op call (library.call); the fields are frozen
     def name(self) -> str:
         parts = ["kbitc", self.target]
         parts.append(self.quant_type or ("q8" if "blockwise" in self.op else "int8" if "int8" in self.op else ""))

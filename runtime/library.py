@@ -34,13 +34,14 @@ class KernelLibrary:
         missing = [name for name in self.specs if not hasattr(self.module, name)]
         if missing:
             raise KernelError(f"library {path} lacks kernels {missing}; rebuild it from its sources")
+        self._kernels = {name: getattr(self.module, name) for name in self.specs}
 
     def call(self, spec: KernelSpec, inputs: Sequence[Optional[torch.Tensor]],
              outputs: Sequence[torch.Tensor], dims: Sequence[int], scalars: Sequence[float] = ()) -> None:
         stream = 0
-        if spec.device_type == "cuda":
-            stream = torch.cuda.current_stream(outputs[0].device).cuda_stream
-        status = getattr(self.module, spec.name)(
+        if spec.device_type == "cuda":  # the raw handle of the current stream (capturable by CUDA graphs)
+            stream = torch._C._cuda_getCurrentRawStream(outputs[0].device.index)
+        status = self._kernels[spec.name](
             [0 if t is None else t.data_ptr() for t in inputs], [t.data_ptr() for t in outputs],
             [int(d) for d in dims], [float(s) for s in scalars], stream)
         if status != 0:
