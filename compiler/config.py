@@ -47,6 +47,7 @@ class CompileConfig:
     min_params: int = 4096  # smaller linears stay 16-bit: nothing to gain
     overrides: tuple[LayerOverride, ...] = ()
     trainable: bool = False  # also build the backward kernels (grad w.r.t. x) that LoRA training uses
+    kv_cache: int = 0  # > 0: also export a decode program with a static KV cache of this many positions
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -57,6 +58,8 @@ class CompileConfig:
                f"expected a scheme in {SCHEMES}, got {self.scheme!r}")
         expect(self.blocksize in ALLOWED_BLOCKSIZES_4BIT, UnsupportedInputError,
                f"expected blocksize in {ALLOWED_BLOCKSIZES_4BIT}, got {self.blocksize}")
+        expect(isinstance(self.kv_cache, int) and self.kv_cache >= 0, UnsupportedInputError,
+               f"expected --kv-cache as a number of positions >= 0, got {self.kv_cache!r}")
         for o in self.overrides:
             expect(o.scheme in (None, "skip") + SCHEMES, UnsupportedInputError,
                    f"plan entry {o.pattern!r}: expected scheme in {SCHEMES + ('skip',)}, got {o.scheme!r}")

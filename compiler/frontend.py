@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from kbitc.compiler.kv_cache import DecodeExport, export_decode
 from kbitc.runtime.errors import KbitcError
 from kbitc.runtime.manifest import sha256_file
 
@@ -57,6 +58,7 @@ class FrontendResult:
     source: dict  # kind, path, sha256 of inputs
     tokenizer_dir: Optional[Path] = None
     is_causal_lm: bool = False
+    decode: Optional[DecodeExport] = None  # the static-KV-cache program (compile --kv-cache)
 
 
 @contextlib.contextmanager
@@ -98,7 +100,7 @@ def _read_tensor(file: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
-def load_hf_folder(folder: Path, dtype: torch.dtype = torch.float32) -> FrontendResult:
+def load_hf_folder(folder: Path, dtype: torch.dtype = torch.float32, kv_cache: int = 0) -> FrontendResult:
     try:
         import transformers
     except ImportError as exc:
@@ -135,11 +137,22 @@ def load_hf_folder(folder: Path, dtype: torch.dtype = torch.float32) -> Frontend
         program = torch.export.export(model, (), {"input_ids": ids}, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # export failures come in many types; report them as one
         raise FrontendError(f"torch.export failed for {folder.name} ({type(model).__name__}): {exc}") from exc
+    decode = None
+    if kv_cache:
+        if not is_causal:
+            raise FrontendError(f"--kv-cache needs a causal language model; {folder.name} is "
+                                f"{type(model).__name__}")
+        if kv_cache > _max_positions(config):
+            raise FrontendError(f"--kv-cache {kv_cache} exceeds the model's {_max_positions(config)} positions")
+        try:
+            decode = export_decode(model, kv_cache, dtype)
+        except Exception as exc:  # export failures come in many types; report them as one
+            raise FrontendError(f"exporting {folder.name} with a static KV cache failed: {exc}") from exc
     tokenizer = folder if any((folder / f).is_file() for f in TOKENIZER_FILES[:5]) else None
     source = {"kind": "huggingface", "path": str(folder), "model_class": type(model).__name__,
               "sha256": {f.name: sha256_file(f) for f in files + [folder / "config.json"]}}
     return FrontendResult(program, WeightSource(loaders, aliases), (), {"input_ids": ids}, dynamic, source,
-                          tokenizer, is_causal)
+                          tokenizer, is_causal, decode)
 
 
 def _return_logits_dict(model: torch.nn.Module) -> None:
@@ -233,12 +246,15 @@ def load_factory(spec: str) -> FrontendResult:
     return FrontendResult(program, WeightSource(loaders), example, {}, dynamic, source)
 
 
-def load_model(model: str, dtype: torch.dtype = torch.float32) -> FrontendResult:
+def load_model(model: str, dtype: torch.dtype = torch.float32, kv_cache: int = 0) -> FrontendResult:
     """Dispatch on what MODEL names: folder -> Hugging Face, *.pt2 -> exported program, a:b -> factory.
-    `dtype` is the compute dtype a Hugging Face model is exported in."""
+    `dtype` is the compute dtype a Hugging Face model is exported in; `kv_cache` > 0 also exports a
+    decode program with a static cache of that many positions (Hugging Face causal LMs only)."""
     path = Path(model)
     if path.is_dir():
-        return load_hf_folder(path, dtype)
+        return load_hf_folder(path, dtype, kv_cache)
+    if kv_cache:
+        raise FrontendError("--kv-cache needs MODEL as a Hugging Face causal LM folder")
     if path.suffix == ".pt2":
         if not path.is_file():
             raise FrontendError(f"no such exported program: {path}")

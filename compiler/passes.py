@@ -97,6 +97,30 @@ class SelectLinears:
         return ctx
 
 
+class SelectLinearsLike:
+    """Select the linears of a second program of the same model (its names carry `prefix`) with the
+    plans the main program made: the same layers, schemes and quantized tensors."""
+
+    def __init__(self, plans: dict[str, LayerPlan], prefix: str):
+        self.plans, self.prefix = plans, prefix
+
+    def __call__(self, ctx: CompileContext) -> CompileContext:
+        for node in ctx.graph.nodes:
+            if node.op != "call_function" or node.target not in LINEAR_TARGETS:
+                continue
+            parts = _linear_parts(node)
+            name = None if parts is None else parts[1].target.removesuffix(".weight")
+            main = None if name is None else self.plans.get(name.removeprefix(self.prefix))
+            if main is None or not name.startswith(self.prefix):
+                continue
+            if name not in ctx.layers:
+                ctx.layers[name] = dataclasses.replace(
+                    main, name=name, weight=self.prefix + main.weight,
+                    bias=None if main.bias is None else self.prefix + main.bias)
+            node.meta["kbitc_layer"] = name
+        return ctx
+
+
 class QuantizeLinears:
     """Quantize each selected weight, streamed one layer at a time from the source checkpoint."""
 

@@ -20,7 +20,8 @@ from kbitc.compiler.config import CompileConfig
 from kbitc.compiler.frontend import TOKENIZER_FILES, load_model
 from kbitc.runtime import build, dispatch
 from kbitc.runtime.kernel_spec import DTYPES
-from kbitc.runtime.manifest import KERNELS, PROGRAM, WEIGHTS
+from kbitc.compiler.kv_cache import MODEL_PREFIX
+from kbitc.runtime.manifest import DECODE_PROGRAM, KERNELS, PROGRAM, WEIGHTS
 from kbitc.runtime.safetensors_stream import StreamingSafetensorsWriter
 
 METADATA_ROOM_PER_LAYER = 512
@@ -44,7 +45,7 @@ def compile(model, config: Optional[CompileConfig] = None, output: str | Path = 
                      desc="compile", unit="stage", leave=False)
         stage_iter = iter(stages)
         next(stage_iter)
-        front = load_model(str(model), dtype)
+        front = load_model(str(model), dtype, config.kv_cache)
         ctx = P.CompileContext(config, target, front.program.module(), front.weights, progress=bar)
         next(stage_iter)
         P.SelectLinears()(ctx)
@@ -69,6 +70,7 @@ def compile(model, config: Optional[CompileConfig] = None, output: str | Path = 
         program = torch.export.export(ctx.graph_module, front.example_args, front.example_kwargs,
                                       dynamic_shapes=front.dynamic_shapes, strict=False)
         torch.export.save(program, str(stage / PROGRAM))
+        decode = _compile_decode(ctx, front, kept, tied, stage) if front.decode is not None else None
         next(stage_iter)
         kernels = _build_kernels(ctx, stage / KERNELS)
         if front.tokenizer_dir is not None:
@@ -80,7 +82,7 @@ def compile(model, config: Optional[CompileConfig] = None, output: str | Path = 
         write_manifest(stage, {
             "kbitc_version": kbitc.__version__, "source": front.source, "config": config.to_json(),
             "target": target, "is_causal_lm": front.is_causal_lm, "tied_weights": tied,
-            "layers": [plan.to_json() for plan in ctx.layers.values()], "kernels": kernels,
+            "layers": [plan.to_json() for plan in ctx.layers.values()], "kernels": kernels, "decode": decode,
             "compile_seconds": round(time.perf_counter() - started, 2)})
     return output
 
@@ -104,6 +106,31 @@ def _kept_tensors(ctx: P.CompileContext) -> tuple[dict[str, torch.Tensor], dict[
             first_name[id(t)] = name
             kept[name] = t
     return kept, tied
+
+
+def _compile_decode(ctx: P.CompileContext, front, kept: dict, tied: dict, stage: Path) -> dict:
+    """Rewrite the static-KV-cache program's linears with the plans (and tensors) of the main
+    program, verify it reads nothing the artifact lacks, and save it next to the main program."""
+    export = front.decode
+    dctx = P.CompileContext(ctx.config, ctx.target, export.program.module(), front.weights)
+    P.SelectLinearsLike(ctx.layers, MODEL_PREFIX)(dctx)
+    P.RewriteLinears()(dctx)
+    dctx.kernel_specs = ctx.kernel_specs
+    P.Verify()(dctx)
+    stored = set(kept) | set(tied)
+    for plan in ctx.layers.values():
+        stored |= set(plan.output_layout())
+    used = {n.target for n in dctx.graph.nodes
+            if n.op == "get_attr" and isinstance(P._attr(dctx.graph_module, n.target), torch.Tensor)}
+    missing = sorted(n for n in used if n not in export.cache and n.removeprefix(MODEL_PREFIX) not in stored)
+    if missing:
+        raise P.CompileError(f"the decode program reads tensors the artifact does not store: {missing[:5]}")
+    program = torch.export.export(dctx.graph_module, (), export.example_kwargs, dynamic_shapes=export.dynamic_shapes,
+                                  strict=False)
+    torch.export.save(program, str(stage / DECODE_PROGRAM))
+    return {"program": DECODE_PROGRAM, "prefix": MODEL_PREFIX, "max_cache_len": export.max_cache_len,
+            "cache": {name: [str(dtype).removeprefix("torch."), list(shape)]
+                      for name, (dtype, shape) in export.cache.items()}}
 
 
 def _build_kernels(ctx: P.CompileContext, folder: Path) -> dict:

@@ -68,6 +68,13 @@ class CompiledModel(torch.nn.Module):
         out = self.program(*args, **kwargs)
         return Outputs(out) if isinstance(out, dict) else out
 
+    def decoder(self, cuda_graph: bool = False):
+        """Token-by-token generation with a static KV cache (an artifact compiled with --kv-cache N);
+        see runtime/decode.py. cuda_graph=True (CUDA only) replays each step as one CUDA graph."""
+        from kbitc.runtime.decode import load_decoder
+
+        return load_decoder(self, cuda_graph)
+
 
 def _load_kernels(root: Path, manifest: dict[str, Any], device: torch.device) -> None:
     info = manifest.get("kernels") or {}

@@ -13,6 +13,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 PROGRAM = "program.pt2"
+DECODE_PROGRAM = "decode.pt2"  # optional: the static-KV-cache program (compile --kv-cache)
 KERNELS = "kernels"
 
 

@@ -79,8 +79,11 @@ def _fail(exc: Exception) -> None:
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--trainable", is_flag=True, help="Also build the backward kernels (gradients w.r.t. layer "
               "inputs) that LoRA training (kbitc.lora) runs on.")
+@click.option("--kv-cache", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Also export a decode program with a static KV cache of this many positions (causal LMs "
+              "from a Hugging Face folder): generation then runs one token per step, and on CUDA as a CUDA graph.")
 def compile(model, target, scheme, blocksize, double_quant, threshold, compute_dtype, include, exclude, plan,
-            output, force, trainable):
+            output, force, trainable, kv_cache):
     """Compile MODEL into a quantized .kbit artifact.
 
     MODEL is a Hugging Face model folder (config.json + *.safetensors, read offline), a saved
@@ -96,7 +99,8 @@ def compile(model, target, scheme, blocksize, double_quant, threshold, compute_d
         config = CompileConfig(target=target.replace("-", "_"), scheme=scheme, blocksize=blocksize,
                                double_quant=double_quant, threshold=threshold, compute_dtype=compute_dtype or "",
                                include=tuple(include) or ("*",), exclude=tuple(exclude) or DEFAULT_EXCLUDE,
-                               overrides=load_plan(plan) if plan else (), trainable=trainable)
+                               overrides=load_plan(plan) if plan else (), trainable=trainable,
+                               kv_cache=kv_cache)
         path = run_compile(model, config, output, force=force)
     except KbitcError as exc:
         _fail(exc)
