@@ -6,6 +6,9 @@
 #   bash scripts/gpu_suite.sh tests     # CUDA kernels, backward ops, 8-bit optimizer steps
 #   bash scripts/gpu_suite.sh optim     # bench/gpu_optim.py (AdamW8bit on 200M params)
 #   bash scripts/gpu_suite.sh qlora     # bench/gpu_qlora.py (1B LLaMA-style QLoRA tokens/s)
+#   bash scripts/gpu_suite.sh decode    # bench/gpu_decode.py (1B LLaMA-style batch-1 decode, KV cache + CUDA graph)
+#   bash scripts/gpu_suite.sh tune      # bench/tune_gemv.py (the GEMV warps-per-block table)
+#   bash scripts/gpu_suite.sh ops       # bench/gpu_ops.py (every op vs cuBLAS bf16 and bitsandbytes)
 #   bash scripts/gpu_suite.sh gemma ARTIFACT WINDOWS EXPECTED_PPL TEXT
 #                                       # an sm90 artifact compiled elsewhere: perplexity, then finetune
 set -uo pipefail
@@ -22,10 +25,17 @@ case "$phase" in
     python3 -m pip install -q --no-deps --no-build-isolation --no-index . ;;
   tests)
     python3 -m pytest -q -p no:cacheprovider tests/runtime/test_grad_cuda.py tests/runtime/test_optim_cuda.py \
-      tests/runtime/test_kernels_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
+      tests/runtime/test_kernels_cuda.py tests/runtime/test_decode.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
   optim)
     python3 bench/gpu_optim.py 2>&1 | tee "$OUT/optim.log"
     cp bench/RESULTS.md "$OUT/RESULTS-optim.md" ;;
+  decode)
+    python3 bench/gpu_decode.py --out-copy "$OUT/decode.md" 2>&1 | tee "$OUT/decode.log" | tail -30 ;;
+  tune)
+    python3 bench/tune_gemv.py --out-copy "$OUT/tune.md" 2>&1 | tail -40 ;;
+  ops)
+    python3 bench/gpu_ops.py 2>&1 | tee "$OUT/ops.log" | tail -60
+    cp bench/RESULTS.md "$OUT/RESULTS-ops.md" ;;
   qlora)
     python3 bench/gpu_qlora.py --out-copy "$OUT/qlora.md" 2>&1 | tee "$OUT/qlora.log" | tail -40 ;;
   gemma)

@@ -42,7 +42,7 @@ def check_dequantize_4bit(device, dtype, quant_type, blocksize, rng):
 
 
 def check_linear_4bit(device, dtype, quant_type, blocksize, rng, ms=(1, 3, 17, 64)):
-    for n, k in [(33, 2 * blocksize), (40, blocksize + 36), (24, 77)]:
+    for n, k in [(33, 2 * blocksize), (40, blocksize + 36), (24, 77), (48, 3 * blocksize + 32)]:
         w = torch.randn(n, k, generator=rng) * 0.05
         packed, state = kq.quantize_4bit(w, quant_type, blocksize, double_quant=(k % 2 == 0))
         qargs = quant_state_args(state)

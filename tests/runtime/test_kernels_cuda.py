@@ -62,8 +62,30 @@ def test_4bit_kernels_on_gpu(gpu_target, dtype, quant_type, blocksize, rng):
     for op in ("dequantize_4bit", "linear_4bit", "quantize_4bit"):
         checks.assert_kernel_used(op, "cuda", tdtype, quant_type, blocksize)
     checks.check_dequantize_4bit("cuda", tdtype, quant_type, blocksize, rng)
-    checks.check_linear_4bit("cuda", tdtype, quant_type, blocksize, rng, ms=(1, 3, 8, 9, 17, 64, 300))
+    checks.check_linear_4bit("cuda", tdtype, quant_type, blocksize, rng, ms=(1, 3, 8, 9, 12, 17, 32, 33, 64, 300))
     checks.check_quantize_4bit("cuda", tdtype, quant_type, blocksize, rng)
+
+
+# The GEMV warps-per-block table of linear_4bit.cu.j2 (sm90): each tuned shape at both ends of its M range.
+TUNED_GEMV = [(11008, 4096, 1), (11008, 4096, 32), (4096, 4096, 17), (14336, 4096, 9), (2048, 2048, 8),
+              (5632, 2048, 20), (2048, 5632, 1), (2048, 5632, 16)]
+
+
+@needs_gpu
+@needs_nvcc
+@pytest.mark.parametrize("n,k,m", TUNED_GEMV)
+def test_tuned_gemv_shapes_on_gpu(gpu_target, n, k, m, rng):
+    import kbitc.quant as kq
+    from kbitc.runtime import ops, reference
+    from kbitc.runtime.reference import quant_state_args
+
+    w = torch.randn(n, k, generator=rng) * 0.05
+    packed, state = kq.quantize_4bit(w, "nf4", 64, double_quant=True)
+    qargs = quant_state_args(state)
+    x = torch.randn(m, k, generator=rng).bfloat16()
+    dev = [t.cuda() if isinstance(t, torch.Tensor) else t for t in qargs]
+    out = ops.linear_4bit(x.cuda(), packed.cuda(), *dev, None, "nf4", 64, n)
+    checks.assert_close_to(out.cpu(), reference.linear_4bit(x, packed, *qargs, None, 64, n), torch.bfloat16)
 
 
 @needs_gpu
