@@ -107,7 +107,7 @@ def bench_hf_eager(folder: Path, prompt: torch.Tensor, args, quantized: bool) ->
     logits = model(input_ids=prompt, use_cache=False).logits[:, -1].float()
     first = logits.argmax(dim=-1).reshape(1, 1)
     ms = time_loop(step, first, args.steps, args.repeats, reset)
-    return {"eager": ms, "first_logits": logits}
+    return {"eager": ms, "first_logits": logits}  # logits after the prompt (no cache)
 
 
 @torch.no_grad()
@@ -175,11 +175,17 @@ def main() -> None:
                 traceback.print_exc()
                 notes.append(f"{name} failed: {type(exc).__name__}: {str(exc)[:200]}")
             free("cuda")
-    ref, got = rows.get("bf16", {}).get("first_logits"), rows.get("kbitc", {}).get("first_logits")
-    if ref is not None and got is not None:
-        rel = float((got - ref).norm() / ref.norm())
-        notes.append(f"first-token logits, kbitc NF4 vs bf16: relative L2 difference {rel:.3f}")
-        assert rel < 0.2, f"kbitc decode disagrees with the bf16 model by {rel:.3f}"
+    first = {name: r.get("first_logits") for name, r in rows.items() if r.get("first_logits") is not None}
+
+    def rel(a, b):
+        return float((first[a] - first[b]).norm() / first[b].norm())
+
+    if {"kbitc", "bnb", "bf16"} <= set(first):
+        # A random-init 16-layer model amplifies NF4's weight error, so both NF4 libraries sit far from
+        # bf16; they share NF4's numerics and must sit close to each other.
+        notes.append(f"logits after the prompt, relative L2 difference: kbitc vs bitsandbytes {rel('kbitc', 'bnb'):.3f}; "
+                     f"kbitc vs bf16 {rel('kbitc', 'bf16'):.3f}; bitsandbytes vs bf16 {rel('bnb', 'bf16'):.3f}")
+        assert rel("kbitc", "bnb") < 0.5 * rel("bnb", "bf16"), "kbitc NF4 decode disagrees with bitsandbytes NF4"
     k = rows.get("kbitc", {}).get("graph")
     table = ["| contender | ms/token | tokens/s | kbitc speedup |", "| --- | --- | --- | --- |"]
     for label, name, key in [("kbitc NF4, static cache, CUDA graph", "kbitc", "graph"),

@@ -68,7 +68,7 @@ class Decoder:
             self._ids.copy_(token.reshape(1, 1))
             self._position.fill_(self.length)
             self._graph.replay()
-            logits = self._logits
+            logits = self._logits.clone()  # the graph's output buffer is overwritten by the next step
         else:
             positions = torch.full((1,), self.length, dtype=torch.long, device=self.device)
             logits = self.program(input_ids=token.reshape(1, 1).to(self.device), cache_position=positions)["logits"]
