@@ -109,7 +109,7 @@ def test_cuda_graph_steps_match_eager_steps_and_full_forward(tmp_path, dtype):
     graphed, eager = model.decoder(cuda_graph=True), model.decoder()
     if dtype == "f32":
         _check_against_full_forward(model, graphed, ids, prompt_len=9)
-    else:  # bf16 activations: prefill (GEMM) and steps (GEMV) round differently; measured 0.4% of max |logit|
+    else:  # bf16: prefill (GEMM) and steps (GEMV) round differently; measured 0.35% of max |logit| (H100)
         with torch.no_grad():
             full = model(input_ids=ids).logits.float()
         graphed.prefill(ids[:, :9])
