@@ -59,20 +59,32 @@ def bench_kbitc(folder: Path, tmp: Path, prompt: torch.Tensor, args) -> dict:
     log(f"kbitc: compiled with --kv-cache {args.cache} in {time.perf_counter() - t:.1f} s")
     model = kbitc.load(out, device="cuda")
     results = {}
-    for graph in (True, False):
-        decoder = model.decoder(cuda_graph=graph)
+    for key, graph, compiled in [("compiled", True, True), ("graph", True, False), ("eager", False, False)]:
+        decoder = model.decoder(cuda_graph=graph, compiled=compiled)
         logits = decoder.prefill(prompt)[:, -1]
         first = logits.argmax(dim=-1).reshape(1, 1)
         results["first_logits"] = logits.float()
+        results[f"steps_{key}"] = _some_steps(decoder, first)
 
         def reset(decoder=decoder):
             decoder.length = PROMPT
 
-        results["graph" if graph else "eager"] = time_loop(decoder.step, first, args.steps, args.repeats, reset)
-        log(f"kbitc ({'CUDA graph' if graph else 'eager'}): {results['graph' if graph else 'eager']:.3f} ms/token")
+        steps = args.steps if graph else min(args.steps, 64)  # eager: host-bound, fewer steps suffice
+        results[key] = time_loop(decoder.step, first, steps, args.repeats, reset)
+        log(f"kbitc ({key}): {results[key]:.3f} ms/token")
         del decoder
     results["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return results
+
+
+def _some_steps(decoder, first: torch.Tensor, count: int = 8) -> torch.Tensor:
+    """Logits of `count` greedy steps after the prompt (to compare decoder variants)."""
+    tok, out = first, []
+    for _ in range(count):
+        logits = decoder.step(tok)
+        out.append(logits.float())
+        tok = logits.argmax(dim=-1).reshape(1, 1)
+    return torch.stack(out)
 
 
 def _hf_model(folder: Path, quantized: bool):
@@ -111,12 +123,14 @@ def bench_hf_eager(folder: Path, prompt: torch.Tensor, args, quantized: bool) ->
 
 
 @torch.no_grad()
-def bench_bf16_graph(folder: Path, prompt: torch.Tensor, args) -> dict:
-    """bf16 HF model in kbitc's static-cache wrapper (the same program kbitc exports), one CUDA graph per step."""
+def bench_bf16_graph(folder: Path, prompt: torch.Tensor, args, compiled: bool = False) -> dict:
+    """bf16 HF model in kbitc's static-cache wrapper (the same program kbitc exports), one CUDA graph
+    per step; with `compiled`, the step is torch.compile'd first (as kbitc's compiled=True)."""
     from kbitc.compiler.kv_cache import StaticCacheLM
 
     model = _hf_model(folder, quantized=False)
     wrapper = StaticCacheLM(model, args.cache, torch.bfloat16, device="cuda")
+    step_fn = torch.compile(wrapper, dynamic=False) if compiled else wrapper
     positions = torch.arange(PROMPT, device="cuda")
     wrapper(input_ids=prompt, cache_position=positions)
     ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
@@ -124,12 +138,12 @@ def bench_bf16_graph(folder: Path, prompt: torch.Tensor, args) -> dict:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(2):
-            wrapper(input_ids=ids, cache_position=pos)
+        for _ in range(3):
+            step_fn(input_ids=ids, cache_position=pos)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        logits = wrapper(input_ids=ids, cache_position=pos)["logits"]
+        logits = step_fn(input_ids=ids, cache_position=pos)["logits"]
     state = {"pos": PROMPT}
 
     def reset():
@@ -166,15 +180,21 @@ def main() -> None:
         for name, fn in [("kbitc", lambda: bench_kbitc(tmp / "src", tmp, prompt, args)),
                          ("bf16", lambda: bench_hf_eager(tmp / "src", prompt, args, quantized=False)),
                          ("bnb", lambda: bench_hf_eager(tmp / "src", prompt, args, quantized=True)),
-                         ("bf16_graph", lambda: bench_bf16_graph(tmp / "src", prompt, args))]:
+                         ("bf16_graph", lambda: bench_bf16_graph(tmp / "src", prompt, args)),
+                         ("bf16_compiled", lambda: bench_bf16_graph(tmp / "src", prompt, args, compiled=True))]:
             free("cuda")
             try:
                 rows[name] = fn()
                 log(f"{name}: {rows[name].get('graph', rows[name].get('eager')):.3f} ms/token")
+                write_table(rows, notes, args)  # after every contender: a timeout keeps what was measured
             except Exception as exc:  # a rival that fails is reported, not fatal
                 traceback.print_exc()
                 notes.append(f"{name} failed: {type(exc).__name__}: {str(exc)[:200]}")
             free("cuda")
+    write_table(rows, notes, args, final=True)
+
+def write_table(rows: dict, notes: list, args, final: bool = False) -> None:
+    notes = list(notes)
     first = {name: r.get("first_logits") for name, r in rows.items() if r.get("first_logits") is not None}
 
     def rel(a, b):
@@ -186,11 +206,19 @@ def main() -> None:
         notes.append(f"logits after the prompt, relative L2 difference: kbitc vs bitsandbytes {rel('kbitc', 'bnb'):.3f}; "
                      f"kbitc vs bf16 {rel('kbitc', 'bf16'):.3f}; bitsandbytes vs bf16 {rel('bnb', 'bf16'):.3f}")
         assert rel("kbitc", "bnb") < 0.5 * rel("bnb", "bf16"), "kbitc NF4 decode disagrees with bitsandbytes NF4"
-    k = rows.get("kbitc", {}).get("graph")
+    k_rows = rows.get("kbitc", {})
+    if "steps_compiled" in k_rows and "steps_graph" in k_rows:
+        a, b = k_rows["steps_compiled"], k_rows["steps_graph"]
+        diff = float((a - b).norm() / b.norm())
+        notes.append(f"8 greedy steps, compiled + graph vs graph only: relative L2 difference of the logits {diff:.4f}")
+        assert diff < 0.1, f"the compiled decode step disagrees with the uncompiled one by {diff:.3f}"
+    k = rows.get("kbitc", {}).get("compiled") or rows.get("kbitc", {}).get("graph")
     table = ["| contender | ms/token | tokens/s | kbitc speedup |", "| --- | --- | --- | --- |"]
-    for label, name, key in [("kbitc NF4, static cache, CUDA graph", "kbitc", "graph"),
+    for label, name, key in [("kbitc NF4, static cache, torch.compile + CUDA graph", "kbitc", "compiled"),
+                             ("kbitc NF4, static cache, CUDA graph", "kbitc", "graph"),
                              ("kbitc NF4, static cache, eager", "kbitc", "eager"),
                              ("bf16, same static cache, CUDA graph", "bf16_graph", "graph"),
+                             ("bf16, same static cache, torch.compile + CUDA graph", "bf16_compiled", "graph"),
                              ("bf16 HF eager (dynamic cache)", "bf16", "eager"),
                              ("bitsandbytes NF4 + HF eager (dynamic cache)", "bnb", "eager")]:
         ms = rows.get(name, {}).get(key)
@@ -203,7 +231,7 @@ def main() -> None:
              f"{args.steps} new tokens, {args.cache}-position KV cache ({torch.cuda.get_device_name()})")
     if args.out_copy:
         args.out_copy.write_text(f"## {title}\n\n{text}\n")
-    if not args.no_append:
+    if final and not args.no_append:
         append_results(title, "python bench/gpu_decode.py", text)
 
 

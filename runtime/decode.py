@@ -6,7 +6,10 @@
 
 The decode program shares every weight with the loaded model (no copy); only the cache buffers
 are new. With cuda_graph=True the one-token step is captured once and replayed: a replay costs
-one launch on the host, so a step's time is the GPU's time.
+one launch on the host, so a step's time is the GPU's time. With compiled=True the step runs
+through torch.compile first: Inductor fuses the many small ops between the kbitc kernels (norms,
+rotary embedding, residual adds, activations), which otherwise cost one kernel launch each. The
+prompt (prefill) always runs uncompiled, so prompts of any length cause no recompilation.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ class DecodeError(KbitcError):
 class Decoder:
     """Batch-1 generation state: the decode program, its cache, and the next free position."""
 
-    def __init__(self, program: torch.nn.Module, max_cache_len: int, device: torch.device, cuda_graph: bool):
+    def __init__(self, program: torch.nn.Module, max_cache_len: int, device: torch.device, cuda_graph: bool,
+                 compiled: bool = False):
         if cuda_graph and device.type != "cuda":
             raise DecodeError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
         self.program = program
+        self._step_program = torch.compile(program, dynamic=False) if compiled else program
         self.max_cache_len = max_cache_len
         self.device = device
         self.length = 0
@@ -71,7 +76,8 @@ class Decoder:
             logits = self._logits.clone()  # the graph's output buffer is overwritten by the next step
         else:
             positions = torch.full((1,), self.length, dtype=torch.long, device=self.device)
-            logits = self.program(input_ids=token.reshape(1, 1).to(self.device), cache_position=positions)["logits"]
+            logits = self._step_program(input_ids=token.reshape(1, 1).to(self.device),
+                                        cache_position=positions)["logits"]
         self.length += 1
         return logits[:, -1]
 
@@ -83,15 +89,15 @@ class Decoder:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(2):  # lazy initialisation (cuBLAS handles, allocator) outside the capture
-                self.program(input_ids=self._ids, cache_position=self._position)
+            for _ in range(3):  # compilation, cuBLAS handles, allocator: all outside the capture
+                self._step_program(input_ids=self._ids, cache_position=self._position)
         torch.cuda.current_stream(self.device).wait_stream(side)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            self._logits = self.program(input_ids=self._ids, cache_position=self._position)["logits"]
+            self._logits = self._step_program(input_ids=self._ids, cache_position=self._position)["logits"]
 
 
-def load_decoder(model, cuda_graph: bool = False) -> Decoder:
+def load_decoder(model, cuda_graph: bool = False, compiled: bool = False) -> Decoder:
     """The decode program of a loaded artifact (kbitc.load), sharing the model's tensors."""
     from kbitc.runtime.loader import _assign_tensors, _retarget_devices
 
@@ -122,4 +128,4 @@ def load_decoder(model, cuda_graph: bool = False) -> Decoder:
         else:
             raise ArtifactError(f"the decode program reads {name}, which the loaded model does not hold")
     _assign_tensors(program, state)
-    return Decoder(program, int(info["max_cache_len"]), device, cuda_graph)
+    return Decoder(program, int(info["max_cache_len"]), device, cuda_graph, compiled)

@@ -68,12 +68,13 @@ class CompiledModel(torch.nn.Module):
         out = self.program(*args, **kwargs)
         return Outputs(out) if isinstance(out, dict) else out
 
-    def decoder(self, cuda_graph: bool = False):
+    def decoder(self, cuda_graph: bool = False, compiled: bool = False):
         """Token-by-token generation with a static KV cache (an artifact compiled with --kv-cache N);
-        see runtime/decode.py. cuda_graph=True (CUDA only) replays each step as one CUDA graph."""
+        see runtime/decode.py. cuda_graph=True (CUDA only) replays each step as one CUDA graph;
+        compiled=True runs the step through torch.compile (fuses the ops between kbitc kernels)."""
         from kbitc.runtime.decode import load_decoder
 
-        return load_decoder(self, cuda_graph)
+        return load_decoder(self, cuda_graph, compiled)
 
 
 def _load_kernels(root: Path, manifest: dict[str, Any], device: torch.device) -> None:

@@ -2,7 +2,10 @@
 forward pass over the whole sequence, generation matches the cache-free loop, and misuse fails
 clearly. The CUDA-graph variant runs on a GPU only (skipped here without one)."""
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +59,32 @@ def test_generation_with_cache_equals_recompute_loop(artifact):
     plain = generate_ids(model, prompt, max_new_tokens=20)
     cached = generate_ids(model, prompt, max_new_tokens=20, decoder=model.decoder())
     assert torch.equal(plain, cached)
+
+
+COMPILED_CHECK = """
+import sys, torch, kbitc
+model = kbitc.load(sys.argv[1])
+ids = torch.randint(0, 2048, (1, 24), generator=torch.Generator().manual_seed(4))
+compiled, plain = model.decoder(compiled=True), model.decoder()
+compiled.prefill(ids[:, :8]); plain.prefill(ids[:, :8])
+a = torch.stack([compiled.step(ids[:, t]) for t in range(8, 24)], 1)
+b = torch.stack([plain.step(ids[:, t]) for t in range(8, 24)], 1)
+assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "torch.compile did not run"
+err, scale = float((a - b).abs().max()), float(b.abs().max())
+print(f"max |compiled - eager| = {err:.3g} at max |logit| {scale:.3g}")
+assert err <= 1e-5 * scale, (err, scale)
+"""
+
+
+def test_compiled_steps_match_eager_steps(artifact):
+    """decoder(compiled=True): Inductor fuses the ops between kbitc kernels, float32 rounding aside the
+    same logits (bound 1e-5 of max |logit|, as above). Run in a fresh interpreter because this test
+    process disables dynamo (tests/conftest.py)."""
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "0"}
+    done = subprocess.run([sys.executable, "-c", COMPILED_CHECK, str(artifact)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "max |compiled - eager|" in done.stdout
 
 
 def test_full_cache_and_bad_prompt_fail_clearly(artifact):
