@@ -115,10 +115,12 @@ def _summary(manifest: dict, path: Path, seconds: float) -> str:
     bits = sum(l["bits_per_param"] * l["out_features"] * l["in_features"] for l in layers) / max(params, 1)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     quantized = bits * params / 8
+    decode = manifest.get("decode")
+    cache = f"; decode program with a {decode['max_cache_len']}-position KV cache" if decode else ""
     return (f"compiled {len(layers)} layers ({params / 1e6:.2f}M params) to {bits:.2f} bits/param for "
             f"{manifest['target']} in {seconds:.1f} s\n"
             f"quantized linears {quantized / 2**20:.2f} MiB vs {2 * params / 2**20:.2f} MiB in 16-bit "
-            f"({2 * params / max(quantized, 1):.2f}x smaller); whole artifact {size / 2**20:.2f} MiB at {path}")
+            f"({2 * params / max(quantized, 1):.2f}x smaller); whole artifact {size / 2**20:.2f} MiB at {path}{cache}")
 
 
 @main.command()
@@ -146,6 +148,9 @@ def inspect(artifact, as_json):
                    f"{l['sqnr_db']:>8.2f}")
     kernels = manifest.get("kernels", {}).get("specs", [])
     click.echo(f"kernels: {', '.join(k['name'] for k in kernels) or 'none'}")
+    decode = manifest.get("decode")
+    click.echo(f"decode program: {decode['program']}, static KV cache of {decode['max_cache_len']} positions"
+               if decode else "decode program: none (compile with --kv-cache N for cached generation)")
 
 
 @main.command()

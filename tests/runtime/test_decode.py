@@ -87,6 +87,25 @@ def test_compiled_steps_match_eager_steps(artifact):
     assert "max |compiled - eager|" in done.stdout
 
 
+def test_cli_generate_and_inspect_use_the_decode_program(artifact):
+    from click.testing import CliRunner
+
+    from kbitc.cli import main
+    from kbitc.runtime.generate import generate_text, load_tokenizer
+
+    runner = CliRunner()
+    shown = runner.invoke(main, ["inspect", str(artifact)])
+    assert shown.exit_code == 0 and f"static KV cache of {CACHE} positions" in shown.output
+    cached = runner.invoke(main, ["generate", str(artifact), "--prompt", "In the beginning God",
+                                  "--max-new-tokens", "12"])
+    assert cached.exit_code == 0, cached.output
+    tok = load_tokenizer(artifact)  # the same prompt through the cache-free loop
+    ids = tok("In the beginning God", return_tensors="pt").input_ids
+    plain = generate_ids(kbitc.load(artifact), ids, max_new_tokens=12, eos_token_id=tok.eos_token_id)
+    assert cached.output.strip() == tok.decode(plain[0], skip_special_tokens=True).strip()
+    assert generate_text(artifact, "In the beginning God", max_new_tokens=12).strip() == cached.output.strip()
+
+
 def test_full_cache_and_bad_prompt_fail_clearly(artifact):
     decoder = kbitc.load(artifact).decoder()
     decoder.prefill(_tokens(CACHE - 1))
