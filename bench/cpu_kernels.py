@@ -106,22 +106,15 @@ def linear_rows(libs: dict[str, KernelLibrary], rounds: int) -> list[str]:
         outs = {}
         timer.add("torch F.linear float32", lambda: torch.nn.functional.linear(x, w), repeats)
         timer.add("torch F.linear bfloat16", lambda: torch.nn.functional.linear(x_bf16, w_bf16), repeats)
-        with torch.no_grad():
-            outs["bnb"] = layer(x)
+        for key, label, bnb_layer, xin in [
+                ("bnb", "bitsandbytes Linear4bit NF4 (eval)", layer, x),
+                ("bnb bf16", "bitsandbytes Linear4bit NF4 (eval), bf16 activations", layer_bf16, x_bf16)]:
+            def bnb_call(bnb_layer=bnb_layer, xin=xin):
+                with torch.no_grad():
+                    return bnb_layer(xin)
 
-        def bnb_call():
-            with torch.no_grad():
-                return layer(x)
-
-        timer.add("bitsandbytes Linear4bit NF4 (eval)", bnb_call, repeats)
-        with torch.no_grad():
-            outs["bnb bf16"] = layer_bf16(x_bf16)
-
-        def bnb_bf16_call():
-            with torch.no_grad():
-                return layer_bf16(x_bf16)
-
-        timer.add("bitsandbytes Linear4bit NF4 (eval), bf16 activations", bnb_bf16_call, repeats)
+            outs[key] = bnb_call()
+            timer.add(label, bnb_call, repeats)
         for target, lib in libs.items():
             for dtype in ("f32", "bf16"):
                 spec = KernelSpec("linear_4bit", target, dtype, "nf4", BLOCKSIZE)

@@ -7,16 +7,50 @@ the rounding of their output dtype (float32 accumulation in a different order: m
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+
+import pytest
 import torch
 
 import kbitc.quant as kq
+from kbitc.compiler.kernels import build_kernels
 from kbitc.runtime import dispatch, ops, reference
+from kbitc.runtime.kernel_spec import KernelSpec
 from kbitc.runtime.reference import quant_state_args
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cmake") is None,
+                                reason="needs nvcc and cmake to compile CUDA kernels")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
 
 TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # Output rounding: half an ulp of the dtype relative to the largest |output|, plus float32
 # accumulation-order noise (~K * 2^-24 relative; measured max 3e-6 at K=4099 on CPU).
 REL_TOL = {torch.float32: 2e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+@contextlib.contextmanager
+def only_kernels(specs):
+    """Route ops to exactly these kernels (none: the reference) while inside; then restore the
+    kernels that were registered before."""
+    saved = dict(dispatch._REGISTRY)
+    dispatch.unregister_all()
+    try:
+        if specs:
+            build_kernels(list(specs))
+        yield
+    finally:
+        dispatch.unregister_all()
+        dispatch._REGISTRY.update(saved)
+
+
+def grad_specs(target, dtypes, cases):
+    """The backward kernels (input gradients) of the 4-bit cases and of int8, per dtype."""
+    specs = []
+    for dtype in dtypes:
+        specs += [KernelSpec("linear_4bit_grad_input", target, dtype, qt, bs) for qt, bs in cases]
+        specs.append(KernelSpec("int8_linear_grad_input", target, dtype))
+    return specs
 
 
 def assert_kernel_used(op: str, device, dtype, quant_type="", blocksize=0):

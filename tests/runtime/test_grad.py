@@ -8,10 +8,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import kbitc.quant as kq
-from kbitc.compiler.kernels import build_kernels
 from kbitc.runtime import dispatch, ops
-from kbitc.runtime.kernel_spec import KernelSpec
 from kbitc.runtime.reference import quant_state_args
+from tests.runtime import kernel_checks as checks
 
 # Relative to max |grad|: float32 accumulation of <= 300 products in another order (measured max
 # 7.5e-7 over these cases, reference and AVX2 / AVX-512 kernels) / one bf16 rounding of the output
@@ -24,10 +23,8 @@ CASES_4BIT = [("nf4", 64), ("fp4", 64), ("nf4", 32)]
 
 @pytest.fixture
 def reference_only():
-    saved = dict(dispatch._REGISTRY)
-    dispatch.unregister_all()
-    yield
-    dispatch._REGISTRY.update(saved)
+    with checks.only_kernels([]):
+        yield
 
 
 def _quant_4bit(rng, n, k, quant_type, blocksize):
@@ -158,11 +155,7 @@ def test_opcheck_grad_ops(reference_only, rng):
 # -- generated CPU kernels ----------------------------------------------------------------------
 
 def _grad_specs(target):
-    specs = []
-    for dtype in ("f32", "bf16"):
-        specs += [KernelSpec("linear_4bit_grad_input", target, dtype, qt, bs) for qt, bs in CASES_4BIT]
-        specs.append(KernelSpec("int8_linear_grad_input", target, dtype))
-    return specs
+    return checks.grad_specs(target, ("f32", "bf16"), CASES_4BIT)
 
 
 @pytest.fixture(scope="module", params=["cpu_avx2", "cpu_avx512"])
@@ -171,12 +164,8 @@ def cpu_target(request):
         pytest.skip("needs cmake and a C++ compiler")
     if request.param == "cpu_avx512" and not dispatch.AVX512_FLAGS <= dispatch.cpu_flags():
         pytest.skip("this CPU has no AVX-512")
-    saved = dict(dispatch._REGISTRY)
-    dispatch.unregister_all()
-    build_kernels(_grad_specs(request.param))
-    yield request.param
-    dispatch.unregister_all()
-    dispatch._REGISTRY.update(saved)
+    with checks.only_kernels(_grad_specs(request.param)):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -2,20 +2,16 @@
 sm75/sm80/sm90 everywhere (no GPU needed), checked against float64 math through the dequantized
 weights and against the reference op on a real GPU (skipped without one)."""
 
-import shutil
-
 import pytest
 import torch
 
 import kbitc.quant as kq
 from kbitc.compiler.kernels import build_kernels
 from kbitc.runtime import dispatch, ops, reference
-from kbitc.runtime.kernel_spec import KernelSpec
 from kbitc.runtime.reference import quant_state_args
+from tests.runtime import kernel_checks as checks
 
-needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cmake") is None,
-                                reason="needs nvcc and cmake to compile CUDA kernels")
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+needs_nvcc, needs_gpu = checks.needs_nvcc, checks.needs_gpu
 
 DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
 CASES_4BIT = [("nf4", 64), ("fp4", 64), ("nf4", 4096)]
@@ -26,11 +22,7 @@ REL_TOL = {torch.float16: 2 * 2.0**-11 + 2e-6, torch.bfloat16: 2 * 2.0**-8 + 2e-
 
 
 def grad_specs(target, dtypes=tuple(DTYPES), cases=CASES_4BIT):
-    specs = []
-    for dtype in dtypes:
-        specs += [KernelSpec("linear_4bit_grad_input", target, dtype, qt, bs) for qt, bs in cases]
-        specs.append(KernelSpec("int8_linear_grad_input", target, dtype))
-    return specs
+    return checks.grad_specs(target, dtypes, cases)
 
 
 @needs_nvcc
@@ -45,12 +37,8 @@ def test_cuda_grad_kernels_compile(target):
 def gpu_target():
     major, minor = torch.cuda.get_device_capability()
     target = f"sm{major}{minor}"
-    saved = dict(dispatch._REGISTRY)
-    dispatch.unregister_all()
-    build_kernels(grad_specs(target))
-    yield target
-    dispatch.unregister_all()
-    dispatch._REGISTRY.update(saved)
+    with checks.only_kernels(grad_specs(target)):
+        yield target
 
 
 def _check(got: torch.Tensor, expected: torch.Tensor, dtype):

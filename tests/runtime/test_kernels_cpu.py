@@ -5,7 +5,6 @@ import shutil
 import pytest
 import torch
 
-from kbitc.compiler.kernels import build_kernels
 from kbitc.runtime import dispatch
 from kbitc.runtime.kernel_spec import KernelSpec
 from tests.runtime import kernel_checks as checks
@@ -32,12 +31,8 @@ def target(request):
         pytest.skip("this CPU has no AVX-512")
     if request.param == "cpu_avx512_bf16" and dispatch.native_cpu_target() != "cpu_avx512_bf16":
         pytest.skip("this CPU has no AVX512_BF16 / AVX512_VNNI")
-    saved = dict(dispatch._REGISTRY)
-    dispatch.unregister_all()
-    build_kernels(_specs(request.param))
-    yield request.param
-    dispatch.unregister_all()
-    dispatch._REGISTRY.update(saved)
+    with checks.only_kernels(_specs(request.param)):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,19 +1,14 @@
 """CUDA kernels: compiled with nvcc for sm75/sm80/sm90 everywhere (CI has nvcc but no GPU), and
 checked against the reference on a real GPU when one is present (skipped otherwise)."""
 
-import shutil
-
 import pytest
 import torch
 
 from kbitc.compiler.kernels import build_kernels
-from kbitc.runtime import dispatch
 from kbitc.runtime.kernel_spec import KernelSpec
 from tests.runtime import kernel_checks as checks
 
-needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cmake") is None,
-                                reason="needs nvcc and cmake to compile CUDA kernels")
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+needs_nvcc, needs_gpu = checks.needs_nvcc, checks.needs_gpu
 
 CASES_4BIT = [("nf4", 64), ("fp4", 64), ("nf4", 4096)]
 ACT_DTYPES = ("f16", "bf16")
@@ -45,12 +40,8 @@ def test_cuda_kernels_compile(target):
 def gpu_target():
     major, minor = torch.cuda.get_device_capability()
     target = f"sm{major}{minor}"
-    saved = dict(dispatch._REGISTRY)
-    dispatch.unregister_all()
-    build_kernels(cuda_specs(target))
-    yield target
-    dispatch.unregister_all()
-    dispatch._REGISTRY.update(saved)
+    with checks.only_kernels(cuda_specs(target)):
+        yield target
 
 
 @needs_gpu

@@ -1,7 +1,6 @@
 """kbitc.optim on CUDA: the fused step kernel compiles for sm75/sm80/sm90 everywhere (CI has nvcc, no
 GPU), and on a GPU equals the pure-PyTorch reference step bit for bit (skipped without one)."""
 
-import shutil
 
 import pytest
 import torch
@@ -11,10 +10,9 @@ from kbitc.compiler.kernels import build_kernels
 from kbitc.runtime.optim import kernels, paged, reference
 from kbitc.runtime.quant.blockwise import quantize_blockwise
 from kbitc.runtime.quant.codebooks import encoder_dynamic
+from tests.runtime import kernel_checks as checks
 
-needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cmake") is None,
-                                reason="needs nvcc and cmake to compile CUDA kernels")
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+needs_nvcc, needs_gpu = checks.needs_nvcc, checks.needs_gpu
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = (1, 255, 256, 4095, 4097, 70000, 1 << 20)
 
