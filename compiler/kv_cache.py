@@ -33,6 +33,7 @@ class StaticCacheLM(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, max_cache_len: int, dtype: torch.dtype, device="meta"):
         import transformers
+        from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
         super().__init__()
         self.model = model
@@ -40,6 +41,14 @@ class StaticCacheLM(torch.nn.Module):
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache = transformers.StaticCache(config=config, max_cache_len=max_cache_len)
+        for i, layer in enumerate(self.cache.layers):
+            # A sliding-window layer keeps a rolling window with data-dependent indexing; a full-length
+            # layer holds every position and the model's sliding mask still hides the old ones.
+            if isinstance(layer, StaticSlidingWindowLayer):
+                self.cache.layers[i] = StaticLayer(max_cache_len)
+            elif type(layer) is not StaticLayer:
+                raise ValueError(f"a static KV cache supports plain attention layers; layer {i} of this model "
+                                 f"needs a {type(layer).__name__}")
         self.cache.early_initialization(1, heads, head_dim, dtype, torch.device(device))
         for i, layer in enumerate(self.cache.layers):
             self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
