@@ -4,9 +4,10 @@
     logits = decoder.prefill(prompt_ids)          # [1, L, vocab]; fills cache positions 0 .. L-1
     logits = decoder.step(next_id)                # [1, vocab] for position L; one call per token
 
-The decode program shares every weight with the loaded model (no copy); only the cache buffers
-are new. With cuda_graph=True the one-token step is captured once and replayed: a replay costs
-one launch on the host, so a step's time is the GPU's time. With compiled=True the step runs
+The decode program shares every weight with the loaded model (no copy), LoRA adapters attached to
+it included (kbitc.lora.attach before decoder()); only the cache buffers are new. With
+cuda_graph=True the one-token step is captured once and replayed: a replay costs one launch on the
+host, so a step's time is the GPU's time. With compiled=True the step runs
 through torch.compile first: Inductor fuses the many small ops between the kbitc kernels (norms,
 rotary embedding, residual adds, activations), which otherwise cost one kernel launch each. The
 prompt (prefill) always runs uncompiled, so prompts of any length cause no recompilation.
@@ -18,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from kbitc.runtime import lora
 from kbitc.runtime.errors import KbitcError
 from kbitc.runtime.manifest import ArtifactError
 
@@ -128,4 +130,5 @@ def load_decoder(model, cuda_graph: bool = False, compiled: bool = False) -> Dec
         else:
             raise ArtifactError(f"the decode program reads {name}, which the loaded model does not hold")
     _assign_tensors(program, state)
+    lora.share_adapters(model, program, prefix)
     return Decoder(program, int(info["max_cache_len"]), device, cuda_graph, compiled)

@@ -162,20 +162,13 @@ def attach(model: torch.nn.Module, r: int = 16, alpha: float = 32, dropout: floa
     chosen = sorted(n for n in layers if any(fnmatch.fnmatchcase(n, g) for g in globs))
     if not chosen:
         raise LoraError(f"no quantized layer matches {globs}; available layers: {sorted(layers)}")
-    graph = gm.graph
     for name in chosen:
         sites = layers[name]
         in_features, out_features = _features(gm, sites[0])
         device = _get_attr(gm, sites[0].args[1].target).device
-        gm.get_submodule(name).add_module(ADAPTER_ATTR, LoraAdapter(in_features, out_features, r, alpha, dropout,
-                                                                    use_rslora, device=device, dtype=dtype))
-        for node in sites:
-            with graph.inserting_after(node):
-                delta = graph.call_module(f"{name}.{ADAPTER_ATTR}", (node.args[0],))
-            with graph.inserting_after(delta):
-                summed = graph.call_function(operator.add, (node, delta))
-            node.replace_all_uses_with(summed, delete_user_cb=lambda user, s=summed: user is not s)
-    graph.lint()
+        _insert_adapter(gm, name, sites, LoraAdapter(in_features, out_features, r, alpha, dropout, use_rslora,
+                                                     device=device, dtype=dtype))
+    gm.graph.lint()
     gm.recompile()
     for p in gm.parameters():
         p.requires_grad_(False)
@@ -187,6 +180,35 @@ def attach(model: torch.nn.Module, r: int = 16, alpha: float = 32, dropout: floa
     gm.train = types.MethodType(_train_adapters, gm)
     gm.eval = types.MethodType(lambda self: self.train(False), gm)
     return chosen
+
+
+def _insert_adapter(gm: torch.fx.GraphModule, name: str, sites: list[torch.fx.Node], adapter: LoraAdapter) -> None:
+    """Register `adapter` on layer `name` and add its output after each of the layer's call sites."""
+    gm.get_submodule(name).add_module(ADAPTER_ATTR, adapter)
+    graph = gm.graph
+    for node in sites:
+        with graph.inserting_after(node):
+            delta = graph.call_module(f"{name}.{ADAPTER_ATTR}", (node.args[0],))
+        with graph.inserting_after(delta):
+            summed = graph.call_function(operator.add, (node, delta))
+        node.replace_all_uses_with(summed, delete_user_cb=lambda user, s=summed: user is not s)
+
+
+def share_adapters(model: torch.nn.Module, other: torch.fx.GraphModule, prefix: str = "") -> int:
+    """Add `model`'s attached adapters (the same modules: shared parameters) to `other`, a second
+    program of the same model whose layer names carry `prefix` (the decode program). Returns how many."""
+    attached = adapters(model)
+    if not attached:
+        return 0
+    sites = quantized_layers(other)
+    missing = sorted(n for n in attached if prefix + n not in sites)
+    if missing:
+        raise LoraError(f"the other program has no quantized layers {missing[:5]} to carry the adapters")
+    for name, adapter in attached.items():
+        _insert_adapter(other, prefix + name, sites[prefix + name], adapter)
+    other.graph.lint()
+    other.recompile()
+    return len(attached)
 
 
 def _train_adapters(gm: torch.fx.GraphModule, mode: bool = True) -> torch.fx.GraphModule:

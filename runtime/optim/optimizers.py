@@ -16,7 +16,7 @@ or a param group with `"optim_bits": 32` (also `"min_8bit_size"` per group).
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 

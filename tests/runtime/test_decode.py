@@ -72,6 +72,19 @@ def test_sliding_window_model_decodes_like_its_full_forward(tmp_path, window):
     _check_against_full_forward(model, model.decoder(), ids, prompt_len=9)
 
 
+def test_decoder_carries_attached_lora_adapters(artifact):
+    """Adapters attached before decoder() run in the decode program too (the same modules)."""
+    model = kbitc.load(artifact)
+    names = kbitc.lora.attach(model, r=4, alpha=8, targets=["*q_proj", "*down_proj"])
+    gen = torch.Generator().manual_seed(5)
+    for adapter in kbitc.lora.adapters(model).values():  # B = 0 would hide a missing adapter
+        adapter.lora_B.weight.data.normal_(0, 0.05, generator=gen)
+    model.eval()
+    decoder = model.decoder()
+    assert sum(isinstance(m, kbitc.lora.LoraAdapter) for m in decoder.program.modules()) == len(names)
+    _check_against_full_forward(model, decoder, _tokens(20, seed=6), prompt_len=5)
+
+
 def test_generation_with_cache_equals_recompute_loop(artifact):
     model = kbitc.load(artifact)
     prompt = _tokens(7, seed=2)
