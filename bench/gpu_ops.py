@@ -18,6 +18,7 @@ from gpu_timing import copy_ceiling_tbps, device_us, eager_us  # noqa: E402
 import kbitc.quant as kq  # noqa: E402
 from kbitc.compiler.kernels import all_specs, build_kernels  # noqa: E402
 from kbitc.runtime import ops  # noqa: E402
+from kbitc.runtime.kernel_spec import KernelSpec  # noqa: E402
 from kbitc.runtime.reference import quant_state_args  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # (out, in)
@@ -72,7 +73,8 @@ def bench_linear_4bit(bnb, shapes, ms, ceiling_tbps):
 
 def bench_int8(bnb, shapes, ms):
     rows = [_row(["out x in", "M", "bf16 dev µs", "kbitc dev µs", "bnb dev µs", "kbitc vs bf16",
-                  "bf16 eager µs", "kbitc eager µs", "bnb eager µs"]), _row(["---"] * 9)]
+                  "bf16 eager µs", "kbitc eager µs", "bnb eager µs", "kbitc rel err", "bnb rel err"]),
+            _row(["---"] * 11)]
     for n, k in shapes:
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(ROTATE)]
         q = [kq.int8_vectorwise_quant(w) for w in weights]
@@ -93,9 +95,14 @@ def bench_int8(bnb, shapes, ms):
             t = {name: (device_us(fn, ins), eager_us(fn, ins)) for name, fn, ins in
                  [("bf16", lambda w: torch.nn.functional.linear(x, w), [(w,) for w in weights]),
                   ("kbitc", kbitc_fn, q), ("bnb", lambda layer: layer(x16), [(la,) for la in layers])]}
+            # output error vs float64 x @ w^T of the unquantized weight (same inputs for both)
+            ref = x.double() @ weights[0].double().t()
+            err = {name: float((out.double() - ref).norm() / ref.norm())
+                   for name, out in [("kbitc", kbitc_fn(*q[0])), ("bnb", layers[0](x16))]}
             rows.append(_row([f"{n}x{k}", str(m), f"{t['bf16'][0]:.1f}", f"{t['kbitc'][0]:.1f}",
                               f"{t['bnb'][0]:.1f}", f"{t['bf16'][0] / t['kbitc'][0]:.2f}x",
-                              f"{t['bf16'][1]:.1f}", f"{t['kbitc'][1]:.1f}", f"{t['bnb'][1]:.1f}"]))
+                              f"{t['bf16'][1]:.1f}", f"{t['kbitc'][1]:.1f}", f"{t['bnb'][1]:.1f}",
+                              f"{err['kbitc']:.4f}", f"{err['bnb']:.4f}"]))
     return "\n".join(rows)
 
 
@@ -105,7 +112,16 @@ def bench_quant_ops(bnb):
     dmap = kq.dynamic_map(True).cuda()
     packed = [ops.quantize_4bit(t, code, "nf4", 64) for t in w]
     q8 = [ops.quantize_blockwise(t, dmap, 256) for t in w]
+
+    def kbitc_nf4_dq(t):  # what compile does per weight: 4-bit codes, then the absmax 8-bit (DQ)
+        packed, absmax = ops.quantize_4bit(t, code, "nf4", 64)
+        offset = absmax.mean()
+        return packed, ops.quantize_blockwise(absmax - offset, dmap, 256), offset
+
     cases = [
+        ("quantize_4bit nf4 + DQ", kbitc_nf4_dq,
+         lambda t: bnb.functional.quantize_4bit(t, blocksize=64, quant_type="nf4", compress_statistics=True),
+         [(t,) for t in w]),
         ("quantize_4bit nf4 (no DQ)", lambda t: ops.quantize_4bit(t, code, "nf4", 64),
          lambda t: bnb.functional.quantize_4bit(t, blocksize=64, quant_type="nf4"), [(t,) for t in w]),
         ("dequantize_4bit nf4", lambda p, a: ops.dequantize_4bit(p, code, a, None, None, 0.0, "nf4", 64,
@@ -136,7 +152,10 @@ def main() -> None:
     import bitsandbytes as bnb
 
     major, minor = torch.cuda.get_device_capability()
-    build_kernels(all_specs(f"sm{major}{minor}", ("bf16", "f16"), quant_types=("nf4",)))
+    target = f"sm{major}{minor}"
+    # + the f32 8-bit quantize: double quant encodes the float32 absmax (else the torch reference runs)
+    build_kernels(all_specs(target, ("bf16", "f16"), quant_types=("nf4",))
+                  + [KernelSpec("quantize_blockwise", target, "f32", "", 256)])
     shapes = SHAPES[:2] if args.quick else SHAPES
     ms = [1, 32, 2048] if args.quick else MS
     ceiling = copy_ceiling_tbps()

@@ -210,6 +210,8 @@ class AddKernelSpecs:
         for plan in ctx.layers.values():
             if plan.scheme == "int8":
                 ops = ("int8_linear", "int8_linear_grad_input") if ctx.config.trainable else ("int8_linear",)
+                if not KernelSpec("int8_linear", ctx.target, dtype).is_cpu:
+                    ops += ("int8_quant",)  # many rows on CUDA: int8_quant + cuBLASLt (runtime/ops.py)
                 ctx.kernel_specs.update(KernelSpec(op, ctx.target, dtype) for op in ops)
             else:
                 ops = ("linear_4bit", "linear_4bit_grad_input") if ctx.config.trainable else ("linear_4bit",)

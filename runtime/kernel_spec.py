@@ -21,9 +21,10 @@ OP_SLOTS = {
     "dequantize_4bit": dict(quant=True, blocksize=True,
                             inputs=["packed", "code", "absmax", "absmax_q", "absmax2", "code2"],
                             outputs=["out"], dims=["n"], scalars=["offset"]),
+    # ws_partial / splits (CUDA, optional): float32 [splits, m, n] workspace to split K over blocks
     "linear_4bit": dict(quant=True, blocksize=True,
                         inputs=["x", "packed", "code", "absmax", "absmax_q", "absmax2", "code2", "bias"],
-                        outputs=["out"], dims=["m", "n", "k"], scalars=["offset"]),
+                        outputs=["out", "ws_partial"], dims=["m", "n", "k", "splits"], scalars=["offset"]),
     "quantize_4bit": dict(quant=True, blocksize=True, inputs=["x", "midpoints", "order"],
                           outputs=["packed", "absmax"], dims=["n"], scalars=[]),
     "quantize_blockwise": dict(quant=False, blocksize=True, inputs=["x", "midpoints"],
@@ -32,7 +33,8 @@ OP_SLOTS = {
                                  outputs=["out"], dims=["n"], scalars=[]),
     "int8_quant": dict(quant=False, blocksize=False, inputs=["x"],
                        outputs=["codes", "rowmax", "mask"], dims=["rows", "cols"], scalars=["threshold"]),
-    "int8_linear": dict(quant=False, blocksize=False, inputs=["x", "w", "scb", "bias"],
+    # acc (CUDA, optional): the int32 product codes @ w^T, precomputed; ws_* then hold int8_quant's results
+    "int8_linear": dict(quant=False, blocksize=False, inputs=["x", "w", "scb", "bias", "acc"],
                         outputs=["out", "ws_codes", "ws_rowmax", "ws_mask"], dims=["m", "n", "k"],
                         scalars=["threshold"]),
     # backward of linear_4bit w.r.t. x: grad_x[m,k] = sum_n grad_out[m,n] * w[n,k] (w decoded on the fly)

@@ -10,6 +10,9 @@ the autocast dtype under torch.autocast (x and bias are cast; codebooks and scal
 
 from __future__ import annotations
 
+import functools
+import weakref
+
 from typing import Optional, Sequence
 
 import torch
@@ -23,6 +26,11 @@ _DEVICES = ("cpu", "cuda")
 # M = 2048 that is ~0.85x of a bf16 linear, where the fused mma GEMM reaches 0.25x (bench/RESULTS.md).
 # Fewer rows keep the fused kernels (GEMV / GEMM), which read the packed weight only.
 CUDA_DEQUANT_GEMM_MIN_ROWS = 256
+# LLM.int8() on CUDA with more rows than this: the int8 x int8 -> int32 product goes to cuBLASLt
+# (torch._int_mm, which needs more than 16 rows), exact like the kernel's own int32 sums; the
+# kernel adds scales, outlier columns and bias (int8_linear.cu.j2). At M = 2048 this is the
+# difference between mma.sync wmma tiles and Hopper's int8 tensor-core GEMMs.
+CUDA_INT_MM_MIN_ROWS = 17
 
 
 _LIB = torch.library.Library("kbitc", "DEF")
@@ -74,9 +82,22 @@ def _scale_inputs(absmax, absmax2, code2):
     return [absmax, None, None, None]
 
 
-def _sorted_code(code: torch.Tensor):
+_CODE_TABLES: dict[int, tuple] = {}
+
+
+def _sorted_code(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(midpoints of the sorted code, the sort order as uint8, whether code is sorted already),
+    cached per code tensor and version: every call reuses one table, and recomputing costs a sort
+    (~25 µs of GPU time for 256 entries) and a host synchronization."""
+    key = id(code)
+    hit = _CODE_TABLES.get(key)
+    if hit is not None and hit[0]() is code and hit[1] == code._version:
+        return hit[2]
     values, order = torch.sort(code, stable=True)
-    return ((values[:-1] + values[1:]) / 2).contiguous(), order.to(torch.uint8)
+    tables = (((values[:-1] + values[1:]) / 2).contiguous(), order.to(torch.uint8),
+              bool((code[1:] >= code[:-1]).all()))
+    _CODE_TABLES[key] = (weakref.ref(code, lambda _, key=key: _CODE_TABLES.pop(key, None)), code._version, tables)
+    return tables
 
 
 # -- 4-bit ------------------------------------------------------------------------------------
@@ -129,9 +150,35 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor, absma
     library, spec = found
     rows = x.reshape(-1, k).contiguous()
     out = torch.empty(rows.shape[0], out_features, dtype=x.dtype, device=x.device)
-    library.call(spec, [rows, packed, code] + _scale_inputs(absmax, absmax2, code2) + [bias], [out],
-                 [rows.shape[0], out_features, k], [offset])
+    splits = _gemm_k_splits(rows, out_features)
+    outputs = [out] if splits == 1 else [out, torch.empty(splits * out.numel(), dtype=torch.float32, device=x.device)]
+    library.call(spec, [rows, packed, code] + _scale_inputs(absmax, absmax2, code2) + [bias], outputs,
+                 [rows.shape[0], out_features, k, splits], [offset])
     return out.view(*x.shape[:-1], out_features)
+
+
+# The CUDA tensor-core GEMM (M > 32) tiles the output 64 x 128; with few tiles (M = 33..255 on a
+# 132-SM H100: 64 tiles for 4096 x 4096 at M = 128) most SMs idle, so K is split to give each SM
+# about GEMM_BLOCKS_PER_SM blocks, at least GEMM_MIN_SPLIT_STEPS k steps of 128 each.
+GEMM_BLOCKS_PER_SM = 3
+GEMM_MIN_SPLIT_STEPS = 4
+GEMM_MAX_SPLITS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _gemm_k_splits(rows: torch.Tensor, n: int) -> int:
+    m, k = rows.shape
+    if rows.device.type != "cuda" or rows.dtype == torch.float32 or m <= 32:
+        return 1
+    tiles, sms = -(-n // 128) * -(-m // 64), _sm_count(rows.device.index or 0)
+    if tiles >= sms:  # measured on the H100: splitting 172 or 224 tiles in two was slower
+        return 1
+    splits = round(GEMM_BLOCKS_PER_SM * sms / tiles)
+    return max(1, min(splits, GEMM_MAX_SPLITS, -(-k // 128) // GEMM_MIN_SPLIT_STEPS))
 
 
 @torch.library.register_fake("kbitc::linear_4bit")
@@ -152,7 +199,7 @@ def quantize_4bit(x: torch.Tensor, code: torch.Tensor, quant_type: str, blocksiz
     n = flat.numel()
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
-    midpoints, order = _sorted_code(code)
+    midpoints, order, _ = _sorted_code(code)
     library.call(spec, [flat, midpoints, order], [packed, absmax], [n])
     return packed, absmax
 
@@ -169,13 +216,13 @@ def _(x, code, quant_type, blocksize):
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     _same_device("quantize_blockwise", x, code)
     found = dispatch.lookup("quantize_blockwise", x.device, x.dtype, "", blocksize)
-    if found is None or not bool((code[1:] >= code[:-1]).all()):
+    if found is None or not _sorted_code(code)[2]:
         return reference.quantize_blockwise(x, code, blocksize)
     library, spec = found
     flat = x.reshape(-1).contiguous()
     q = torch.empty(flat.numel(), dtype=torch.uint8, device=x.device)
     absmax = torch.empty(-(-flat.numel() // blocksize), dtype=torch.float32, device=x.device)
-    midpoints, _ = _sorted_code(code)
+    midpoints = _sorted_code(code)[0]
     library.call(spec, [flat, midpoints], [q, absmax], [flat.numel()])
     return q.view(x.shape), absmax
 
@@ -247,8 +294,27 @@ def int8_linear(x: torch.Tensor, w: torch.Tensor, scb: torch.Tensor, bias: Optio
     workspace = [torch.empty(m, k, dtype=torch.int8, device=x.device),
                  torch.empty(m, dtype=torch.float32, device=x.device),
                  torch.empty(k, dtype=torch.uint8, device=x.device)]
-    library.call(spec, [rows, w, scb, bias], [out] + workspace, [m, n, k], [threshold])
+    acc = _int8_product_by_cublas(rows, w, workspace, threshold)
+    library.call(spec, [rows, w, scb, bias, acc], [out] + workspace, [m, n, k], [threshold])
     return out.view(*x.shape[:-1], n)
+
+
+def _int8_product_by_cublas(rows: torch.Tensor, w: torch.Tensor, workspace: list[torch.Tensor],
+                            threshold: float) -> Optional[torch.Tensor]:
+    """For many rows on CUDA: quantize into the workspaces and return the int32 product codes @ w^T
+    from cuBLASLt (torch._int_mm), for the int8_linear kernel to finish (scales, outliers, bias).
+    None where the kernel does it all: few rows (its GEMV), shapes cuBLASLt refuses (sizes not
+    multiples of 8), or an artifact built without the int8_quant kernel."""
+    m, k = rows.shape
+    if (rows.device.type != "cuda" or m < CUDA_INT_MM_MIN_ROWS or k % 8 or w.shape[0] % 8
+            or not w.is_contiguous()):
+        return None
+    found = dispatch.lookup("int8_quant", rows.device, rows.dtype)
+    if found is None:
+        return None
+    library, spec = found
+    library.call(spec, [rows], workspace, [m, k], [threshold])
+    return torch._int_mm(workspace[0], w.t())
 
 
 @torch.library.register_fake("kbitc::int8_linear")

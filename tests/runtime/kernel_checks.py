@@ -91,13 +91,21 @@ def check_linear_4bit(device, dtype, quant_type, blocksize, rng, ms=(1, 3, 17, 6
 
 
 def check_quantize_4bit(device, dtype, quant_type, blocksize, rng):
-    for shape in [(1,), (5,), (3, blocksize + 1), (257, 2 * blocksize)]:
+    """Bit-exact against the reference. CUDA takes a fast path for whole blocks (blocksize <= 256,
+    aligned) and the general one for a partial last block and unaligned inputs: shapes cover both,
+    an all-zero block (absmax 0) and a large outlier."""
+    for shape in [(1,), (5,), (3, blocksize + 1), (257, 2 * blocksize), (4, 5 * blocksize)]:
         x = (torch.randn(shape, generator=rng) * torch.rand(shape, generator=rng) * 4).to(dtype)
         x.view(-1)[0] = 0.0
-        code = kq.code_4bit(quant_type)
-        packed, absmax = ops.quantize_4bit(x.to(device), code.to(device), quant_type, blocksize)
-        ref_packed, ref_absmax = reference.quantize_4bit(x, code, blocksize)
-        assert torch.equal(packed.cpu(), ref_packed) and torch.equal(absmax.cpu(), ref_absmax), shape
+        if x.numel() >= 4 * blocksize:
+            x.view(-1)[blocksize: 2 * blocksize] = 0.0
+            x.view(-1)[3 * blocksize + 7] = 3000.0
+        views = [x, x.view(-1)[1:]] if x.numel() > blocksize else [x]  # the slice starts mid-vector
+        for view in views:
+            code = kq.code_4bit(quant_type)
+            packed, absmax = ops.quantize_4bit(view.to(device), code.to(device), quant_type, blocksize)
+            ref_packed, ref_absmax = reference.quantize_4bit(view, code, blocksize)
+            assert torch.equal(packed.cpu(), ref_packed) and torch.equal(absmax.cpu(), ref_absmax), view.shape
 
 
 def check_blockwise(device, dtype, blocksize, rng):
@@ -111,20 +119,24 @@ def check_blockwise(device, dtype, blocksize, rng):
         assert torch.equal(out.cpu(), reference.dequantize_blockwise(ref_q, code, ref_absmax, blocksize, dtype))
 
 
-def check_int8(device, dtype, rng, ms=(1, 3, 17, 64)):
-    for m in ms:
-        x = torch.randn(m, 130, generator=rng)
-        x[0, 5] = 25.0  # an outlier column
-        x[m // 2, 99] = -8.0  # another
-        if m > 3:
-            x[2] = 0.0  # an all-zero row
-        x = x.to(dtype)
-        codes, rowmax, mask = ops.int8_quant(x.to(device), 6.0)
-        r_codes, r_rowmax, r_mask = reference.int8_quant(x, 6.0)
-        assert torch.equal(codes.cpu(), r_codes) and torch.equal(rowmax.cpu(), r_rowmax)
-        assert torch.equal(mask.cpu(), r_mask)
-        w, scb = kq.int8_vectorwise_quant(torch.randn(48, 130, generator=rng))
-        bias = torch.randn(48, generator=rng).to(dtype) if m % 2 else None
-        out = ops.int8_linear(x.to(device), w.to(device), scb.to(device),
-                              None if bias is None else bias.to(device), 6.0)
-        assert_close_to(out.cpu(), reference.int8_linear(x, w, scb, bias, 6.0), dtype)
+def check_int8(device, dtype, rng, ms=(1, 3, 17, 64), ks=(130, 528)):
+    """K = 130 takes the general kernels; K = 528 (a multiple of 16, outlier columns in three
+    256-column chunks) takes, on CUDA, the fused GEMV for M <= 8 and cuBLASLt + the epilogue for M > 16."""
+    for k in ks:
+        for m in ms:
+            x = torch.randn(m, k, generator=rng)
+            x[0, 5] = 25.0  # an outlier column
+            x[m // 2, 99] = -8.0  # another
+            x[m - 1, k - 3] = 7.0  # one in the last column chunk
+            if m > 3:
+                x[2] = 0.0  # an all-zero row
+            x = x.to(dtype)
+            codes, rowmax, mask = ops.int8_quant(x.to(device), 6.0)
+            r_codes, r_rowmax, r_mask = reference.int8_quant(x, 6.0)
+            assert torch.equal(codes.cpu(), r_codes) and torch.equal(rowmax.cpu(), r_rowmax)
+            assert torch.equal(mask.cpu(), r_mask)
+            w, scb = kq.int8_vectorwise_quant(torch.randn(48, k, generator=rng))
+            bias = torch.randn(48, generator=rng).to(dtype) if m % 2 else None
+            out = ops.int8_linear(x.to(device), w.to(device), scb.to(device),
+                                  None if bias is None else bias.to(device), 6.0)
+            assert_close_to(out.cpu(), reference.int8_linear(x, w, scb, bias, 6.0), dtype)

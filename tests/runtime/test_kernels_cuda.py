@@ -94,7 +94,76 @@ def test_8bit_and_int8_kernels_on_gpu(gpu_target, dtype, rng):
 
 @needs_gpu
 @needs_nvcc
-def test_kernels_are_cuda_graph_capturable_and_compile_fullgraph(gpu_target, rng):
+@pytest.mark.parametrize("m", [33, 100, 255])
+def test_split_k_gemm_on_gpu(gpu_target, m, rng):
+    """M = 33..255 with few output tiles: K is split over blocks (runtime/ops.py _gemm_k_splits);
+    the float32 partials summed in split order stay within the output dtype's rounding of the
+    reference, with and without a bias, and K % 128 != 0 leaves a short last step."""
+    import kbitc.quant as kq
+    from kbitc.runtime import ops, reference
+    from kbitc.runtime.reference import quant_state_args
+
+    n, k = 264, 4160
+    w = torch.randn(n, k, generator=rng) * 0.05
+    packed, state = kq.quantize_4bit(w, "nf4", 64, double_quant=True)
+    qargs = quant_state_args(state)
+    dev = [t.cuda() if isinstance(t, torch.Tensor) else t for t in qargs]
+    x = torch.randn(m, k, generator=rng).bfloat16()
+    rows = x.cuda()
+    assert ops._gemm_k_splits(rows, n) > 1  # the case under test
+    for bias in (None, torch.randn(n, generator=rng).bfloat16()):
+        out = ops.linear_4bit(rows, packed.cuda(), *dev, None if bias is None else bias.cuda(), "nf4", 64, n)
+        checks.assert_close_to(out.cpu(), reference.linear_4bit(x, packed, *qargs, bias, 64, n), torch.bfloat16)
+
+
+@needs_gpu
+@needs_nvcc
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+def test_int8_cublas_route_gives_the_kernels_bits(gpu_target, dtype, rng, monkeypatch):
+    """M > 16: int8_quant + cuBLASLt's int32 product + the epilogue equals the all-kernel route bit
+    for bit (exact int32 sums, float32 outlier sums in the same order)."""
+    import kbitc.quant as kq
+    from kbitc.runtime import ops
+
+    tdtype = checks.TORCH_DTYPES[dtype]
+    x = torch.randn(300, 4160, generator=rng)
+    x[:, [3, 700, 4100]] *= 40.0  # outlier columns in both 4096-column chunks of the epilogue
+    x = x.to(tdtype).cuda()
+    w, scb = [t.cuda() for t in kq.int8_vectorwise_quant(torch.randn(264, 4160, generator=rng))]
+    bias = torch.randn(264, generator=rng).to(tdtype).cuda()
+    routed = ops.int8_linear(x, w, scb, bias, 6.0)
+    monkeypatch.setattr(ops, "CUDA_INT_MM_MIN_ROWS", 1 << 30)
+    kernel_only = ops.int8_linear(x, w, scb, bias, 6.0)
+    assert torch.equal(routed, kernel_only)
+
+
+@needs_gpu
+@needs_nvcc
+@pytest.mark.parametrize("m", [1, 5, 8])
+def test_int8_fused_gemv_gives_the_unfused_bits(gpu_target, m, rng):
+    """M <= 8: the one-launch GEMV (x quantized per block in shared memory) equals int8_quant +
+    int8_gemv, which an input misaligned by one element still takes, bit for bit."""
+    import kbitc.quant as kq
+    from kbitc.runtime import ops
+
+    k = 1040  # two full 512-column warp steps and a partial one
+    x = torch.randn(m, k, generator=rng)
+    x[:, [7, 600, 1039]] *= 30.0  # outlier columns
+    x = x.bfloat16().cuda()
+    w, scb = [t.cuda() for t in kq.int8_vectorwise_quant(torch.randn(264, k, generator=rng))]
+    bias = torch.randn(264, generator=rng).bfloat16().cuda()
+    fused = ops.int8_linear(x, w, scb, bias, 6.0)
+    misaligned = torch.empty(m * k + 1, dtype=x.dtype, device="cuda")[1:].view(m, k)
+    misaligned.copy_(x)
+    assert misaligned.is_contiguous() and misaligned.data_ptr() % 16 != 0
+    assert torch.equal(fused, ops.int8_linear(misaligned, w, scb, bias, 6.0))
+
+
+@needs_gpu
+@needs_nvcc
+@pytest.mark.parametrize("rows", [4, 300])
+def test_kernels_are_cuda_graph_capturable_and_compile_fullgraph(gpu_target, rows, rng):
+    """rows = 300 takes the many-row routes: dequantize + cuBLAS, int8_quant + cuBLASLt + epilogue."""
     import kbitc.quant as kq
     from kbitc.runtime.reference import quant_state_args
 
@@ -103,7 +172,7 @@ def test_kernels_are_cuda_graph_capturable_and_compile_fullgraph(gpu_target, rng
     qargs = [t.cuda() if isinstance(t, torch.Tensor) else t for t in quant_state_args(state)]
     packed = packed.cuda()
     wq, scb = [t.cuda() for t in kq.int8_vectorwise_quant(torch.randn(128, 512, generator=rng))]
-    x = torch.randn(4, 512, generator=rng).cuda().bfloat16()
+    x = torch.randn(rows, 512, generator=rng).cuda().bfloat16()
 
     def step(inp):
         y = torch.ops.kbitc.linear_4bit(inp, packed, *qargs, None, "nf4", 64, 256)
@@ -116,7 +185,7 @@ def test_kernels_are_cuda_graph_capturable_and_compile_fullgraph(gpu_target, rng
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = step(static_x)
-    x2 = torch.randn(4, 512, generator=rng).cuda().bfloat16()
+    x2 = torch.randn(rows, 512, generator=rng).cuda().bfloat16()
     static_x.copy_(x2)
     graph.replay()
     torch.cuda.synchronize()

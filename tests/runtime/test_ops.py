@@ -108,3 +108,16 @@ def test_bad_input_raises(rng):
         ops.linear_4bit(*bad)
     with pytest.raises(UnsupportedInputError, match="int8 weight"):
         ops.int8_linear(torch.randn(2, 8), torch.zeros(4, 9, dtype=torch.int8), torch.ones(4), None, 6.0)
+
+
+def test_code_tables_are_cached_per_tensor_and_version():
+    """_sorted_code reuses its tables for the same code tensor, and recomputes them after an
+    in-place change (a stale table would silently mis-quantize)."""
+    code = torch.tensor([0.5, -1.0, 0.0, 1.0])
+    first = ops._sorted_code(code)
+    assert ops._sorted_code(code) is first and first[2] is False
+    assert torch.equal(first[0], torch.tensor([-0.5, 0.25, 0.75])) and first[1].tolist() == [1, 2, 0, 3]
+    code.mul_(2)
+    changed = ops._sorted_code(code)
+    assert changed is not first and torch.equal(changed[0], torch.tensor([-1.0, 0.5, 1.5]))
+    assert ops._sorted_code(torch.tensor([-1.0, 0.0, 1.0]))[2] is True
