@@ -148,6 +148,7 @@ def bench_quant_ops(bnb):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="two shapes, three batch sizes")
+    parser.add_argument("--only", choices=["linear_4bit", "int8", "quant"], help="one table only")
     args = parser.parse_args()
     import bitsandbytes as bnb
 
@@ -162,11 +163,17 @@ def main() -> None:
     header = (f"GPU {torch.cuda.get_device_name()} (copy ceiling measured {ceiling:.2f} TB/s), torch "
               f"{torch.__version__}, bitsandbytes {bnb.__version__}. Device time = sum of kernel time "
               "per call (torch.profiler); eager = back-to-back calls; weights rotated over 6 copies.")
-    tables = [header, "### 4-bit NF4+DQ linear, bf16 activations", bench_linear_4bit(bnb, shapes, ms, ceiling),
-              "### int8 linear, threshold 6, 0.1% outlier columns", bench_int8(bnb, shapes[:1], ms),
-              "### quantize / dequantize ops", bench_quant_ops(bnb)]
+    sections = {"linear_4bit": ("### 4-bit NF4+DQ linear, bf16 activations",
+                                lambda: bench_linear_4bit(bnb, shapes, ms, ceiling)),
+                "int8": ("### int8 linear, threshold 6, 0.1% outlier columns", lambda: bench_int8(bnb, shapes[:1], ms)),
+                "quant": ("### quantize / dequantize ops", lambda: bench_quant_ops(bnb))}
+    tables = [header]
+    for name, (title, run) in sections.items():
+        if args.only in (None, name):
+            tables += [title, run()]
     append_results("GPU ops: first kbitc kernels vs cuBLAS bf16 and bitsandbytes",
-                   "python bench/gpu_ops.py" + (" --quick" if args.quick else ""), "\n\n".join(tables))
+                   "python bench/gpu_ops.py" + (" --quick" if args.quick else "")
+                   + (f" --only {args.only}" if args.only else ""), "\n\n".join(tables))
 
 
 if __name__ == "__main__":
