@@ -170,6 +170,11 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _gemm_k_splits(rows: torch.Tensor, n: int) -> int:
     m, k = rows.shape
     if rows.device.type != "cuda" or rows.dtype == torch.float32 or m <= 32:
@@ -307,8 +312,8 @@ def _int8_product_by_cublas(rows: torch.Tensor, w: torch.Tensor, workspace: list
     multiples of 8), or an artifact built without the int8_quant kernel."""
     m, k = rows.shape
     if (rows.device.type != "cuda" or m < CUDA_INT_MM_MIN_ROWS or k % 8 or w.shape[0] % 8
-            or not w.is_contiguous()):
-        return None
+            or not w.is_contiguous() or _capability(rows.device.index or 0) < (8, 0)):
+        return None  # (sm75: cuBLASLt's int8 GEMM wants other layouts; the kernel does it)
     found = dispatch.lookup("int8_quant", rows.device, rows.dtype)
     if found is None:
         return None
