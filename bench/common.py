@@ -6,6 +6,7 @@ import datetime
 import platform
 import statistics
 import time
+import traceback
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -49,3 +50,25 @@ def append_results(title: str, command: str, table: str) -> None:
     with RESULTS.open("a") as f:
         f.write(block)
     print(block)
+
+
+def run_contender(rows: dict, notes: list, name: str, measure, after=None) -> None:
+    """rows[name] = measure(), then after(); a contender that fails is printed and noted, not fatal."""
+    try:
+        rows[name] = measure()
+        if after is not None:
+            after()
+    except Exception as exc:
+        traceback.print_exc()
+        notes.append(f"{name} failed: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def speed_table(rows: dict, entries, baseline_ms, ratio_header: str, ms_digits: int, tps_digits: int) -> list[str]:
+    """Markdown rows of ms/token, tokens/s and ms / baseline_ms for each measured (label, contender, key)."""
+    table = [f"| contender | ms/token | tokens/s | {ratio_header} |", "| --- | --- | --- | --- |"]
+    for label, name, key in entries:
+        ms = rows.get(name, {}).get(key)
+        if ms is not None:
+            ratio = f"{ms / baseline_ms:.2f}x" if baseline_ms else ""
+            table.append(f"| {label} | {ms:.{ms_digits}f} | {1e3 / ms:.{tps_digits}f} | {ratio} |")
+    return table

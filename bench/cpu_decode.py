@@ -17,13 +17,12 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_results  # noqa: E402
+from common import append_results, run_contender, speed_table  # noqa: E402
 
 SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
              num_key_value_heads=16, vocab_size=32000, max_position_embeddings=512)
@@ -130,28 +129,21 @@ def main() -> None:
                          ("kbitc_bf16", lambda: bench_kbitc(tmp / "src", tmp, prompt, args, "bf16")),
                          ("bf16", lambda: bench_hf(tmp / "src", prompt, args, False, torch.bfloat16)),
                          ("bnb_bf16", lambda: bench_hf(tmp / "src", prompt, args, True, torch.bfloat16))]:
-            try:
-                rows[name] = fn()
-            except Exception as exc:  # a rival that fails is reported, not fatal
-                traceback.print_exc()
-                notes.append(f"{name} failed: {type(exc).__name__}: {str(exc)[:200]}")
+            run_contender(rows, notes, name, fn)
     if "kbitc" in rows and "bnb" in rows:
         a, b = rows["kbitc"]["first_logits"], rows["bnb"]["first_logits"]
         notes.append(f"logits after the prompt, kbitc vs bitsandbytes NF4: relative L2 {float((a - b).norm() / b.norm()):.4f}")
     best = rows.get("kbitc", {}).get("compiled")
-    table = ["| contender | ms/token | tokens/s | vs kbitc compiled decoder, float32 |", "| --- | --- | --- | --- |"]
-    for label, name, key in [("kbitc NF4, KV-cache decoder, torch.compile'd step", "kbitc", "compiled"),
-                             ("kbitc NF4, KV-cache decoder", "kbitc", "decoder"),
-                             ("kbitc NF4, no cache (whole sequence per token)", "kbitc", "recompute"),
-                             ("float32 HF eager (dynamic cache)", "fp32", "eager"),
-                             ("bitsandbytes NF4 (CPU backend) + HF eager", "bnb", "eager"),
-                             ("kbitc NF4, bf16 activations, KV-cache decoder, compiled step", "kbitc_bf16", "compiled"),
-                             ("bfloat16 HF eager (dynamic cache)", "bf16", "eager"),
-                             ("bitsandbytes NF4, bf16 compute + HF eager", "bnb_bf16", "eager")]:
-        ms = rows.get(name, {}).get(key)
-        if ms is not None:
-            table.append(f"| {label} | {ms:.2f} | {1e3 / ms:.1f} | {ms / best:.2f}x |" if best else
-                         f"| {label} | {ms:.2f} | {1e3 / ms:.1f} | |")
+    table = speed_table(rows, [
+        ("kbitc NF4, KV-cache decoder, torch.compile'd step", "kbitc", "compiled"),
+        ("kbitc NF4, KV-cache decoder", "kbitc", "decoder"),
+        ("kbitc NF4, no cache (whole sequence per token)", "kbitc", "recompute"),
+        ("float32 HF eager (dynamic cache)", "fp32", "eager"),
+        ("bitsandbytes NF4 (CPU backend) + HF eager", "bnb", "eager"),
+        ("kbitc NF4, bf16 activations, KV-cache decoder, compiled step", "kbitc_bf16", "compiled"),
+        ("bfloat16 HF eager (dynamic cache)", "bf16", "eager"),
+        ("bitsandbytes NF4, bf16 compute + HF eager", "bnb_bf16", "eager")],
+        best, "vs kbitc compiled decoder, float32", ms_digits=2, tps_digits=1)
     text = "\n".join(table + [""] + [f"- {n}" for n in notes])
     print(text)
     if not args.no_append:

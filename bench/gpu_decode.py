@@ -18,13 +18,12 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_results  # noqa: E402
+from common import append_results, run_contender, speed_table  # noqa: E402
 from gpu_qlora import FULL, TINY, build_source, free, log  # noqa: E402
 
 PROMPT = 32
@@ -183,13 +182,12 @@ def main() -> None:
                          ("bf16_graph", lambda: bench_bf16_graph(tmp / "src", prompt, args)),
                          ("bf16_compiled", lambda: bench_bf16_graph(tmp / "src", prompt, args, compiled=True))]:
             free("cuda")
-            try:
-                rows[name] = fn()
+
+            def report(name=name):
                 log(f"{name}: {rows[name].get('graph', rows[name].get('eager')):.3f} ms/token")
                 write_table(rows, notes, args)  # after every contender: a timeout keeps what was measured
-            except Exception as exc:  # a rival that fails is reported, not fatal
-                traceback.print_exc()
-                notes.append(f"{name} failed: {type(exc).__name__}: {str(exc)[:200]}")
+
+            run_contender(rows, notes, name, fn, report)
             free("cuda")
     write_table(rows, notes, args, final=True)
 
@@ -213,18 +211,15 @@ def write_table(rows: dict, notes: list, args, final: bool = False) -> None:
         notes.append(f"8 greedy steps, compiled + graph vs graph only: relative L2 difference of the logits {diff:.4f}")
         assert diff < 0.1, f"the compiled decode step disagrees with the uncompiled one by {diff:.3f}"
     k = rows.get("kbitc", {}).get("compiled") or rows.get("kbitc", {}).get("graph")
-    table = ["| contender | ms/token | tokens/s | kbitc speedup |", "| --- | --- | --- | --- |"]
-    for label, name, key in [("kbitc NF4, static cache, torch.compile + CUDA graph", "kbitc", "compiled"),
-                             ("kbitc NF4, static cache, CUDA graph", "kbitc", "graph"),
-                             ("kbitc NF4, static cache, eager", "kbitc", "eager"),
-                             ("bf16, same static cache, CUDA graph", "bf16_graph", "graph"),
-                             ("bf16, same static cache, torch.compile + CUDA graph", "bf16_compiled", "graph"),
-                             ("bf16 HF eager (dynamic cache)", "bf16", "eager"),
-                             ("bitsandbytes NF4 + HF eager (dynamic cache)", "bnb", "eager")]:
-        ms = rows.get(name, {}).get(key)
-        if ms is not None:
-            table.append(f"| {label} | {ms:.3f} | {1e3 / ms:.0f} | {ms / k:.2f}x |" if k else
-                         f"| {label} | {ms:.3f} | {1e3 / ms:.0f} | |")
+    table = speed_table(rows, [
+        ("kbitc NF4, static cache, torch.compile + CUDA graph", "kbitc", "compiled"),
+        ("kbitc NF4, static cache, CUDA graph", "kbitc", "graph"),
+        ("kbitc NF4, static cache, eager", "kbitc", "eager"),
+        ("bf16, same static cache, CUDA graph", "bf16_graph", "graph"),
+        ("bf16, same static cache, torch.compile + CUDA graph", "bf16_compiled", "graph"),
+        ("bf16 HF eager (dynamic cache)", "bf16", "eager"),
+        ("bitsandbytes NF4 + HF eager (dynamic cache)", "bnb", "eager")],
+        k, "kbitc speedup", ms_digits=3, tps_digits=0)
     text = "\n".join(table + [""] + [f"- {n}" for n in notes])
     print(text)
     title = (f"Batch-1 decode, {'tiny' if args.tiny else '1B LLaMA-style'} config, prompt {PROMPT}, "
