@@ -22,8 +22,7 @@ import torch
 from kbitc.runtime import lora
 from kbitc.runtime.errors import KbitcError
 from kbitc.runtime.manifest import ArtifactError
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from kbitc.runtime.quant.state import FLOAT_DTYPES
 
 
 class DecodeError(KbitcError):
@@ -124,7 +123,7 @@ def load_decoder(model, cuda_graph: bool = False, compiled: bool = False) -> Dec
     for name in names:
         if name in info["cache"]:
             dtype, shape = info["cache"][name]
-            state[name] = torch.zeros(shape, dtype=DTYPES[dtype], device=device)
+            state[name] = torch.zeros(shape, dtype=FLOAT_DTYPES[dtype], device=device)
         elif name.removeprefix(prefix) in tensors:
             state[name] = tensors[name.removeprefix(prefix)]
         else:

@@ -28,8 +28,8 @@ _DEVICES = ("cpu", "cuda")
 CUDA_DEQUANT_GEMM_MIN_ROWS = 256
 # LLM.int8() on CUDA with more rows than this: the int8 x int8 -> int32 product goes to cuBLASLt
 # (torch._int_mm, which needs more than 16 rows), exact like the kernel's own int32 sums; the
-# kernel adds scales, outlier columns and bias (int8_linear.cu.j2). At M = 2048 this is the
-# difference between mma.sync wmma tiles and Hopper's int8 tensor-core GEMMs.
+# kernel adds scales, outlier columns and bias (int8_linear.cu.j2). On an H100 this is 2-5x faster
+# than the kernel's wmma tiles, although torch picks an Ampere cuBLASLt kernel there (bench/RESULTS.md).
 CUDA_INT_MM_MIN_ROWS = 17
 
 
