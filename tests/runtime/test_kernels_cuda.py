@@ -79,6 +79,37 @@ def test_tuned_gemv_shapes_on_gpu(gpu_target, n, k, m, rng):
     checks.assert_close_to(out.cpu(), reference.linear_4bit(x, packed, *qargs, None, 64, n), torch.bfloat16)
 
 
+# M = 1 shapes that take linear_4bit's gemv1 (k-stationary warps): ceil(n / 8) blocks x ceil(k / 1024)
+# warps >= 8 per SM on GPUs of up to 150 SMs; n % 8 == 1 leaves a block with one row, and k % 1024 == 32
+# a last warp with one lane in range. Blocksize 4096 blocks cross rows (k = 4128).
+GEMV1_SHAPES = [(2049, 4128), (9601, 1056)]
+
+
+@needs_gpu
+@needs_nvcc
+@pytest.mark.parametrize("n,k", GEMV1_SHAPES)
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+@pytest.mark.parametrize("quant_type,blocksize", CASES_4BIT)
+def test_gemv1_on_gpu(gpu_target, n, k, dtype, quant_type, blocksize, rng):
+    import kbitc.quant as kq
+    from kbitc.runtime import ops, reference
+    from kbitc.runtime.reference import quant_state_args
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert -(-n // 8) * -(-k // 1024) >= 8 * sms  # the case under test (linear_4bit.cu.j2's gemv1 rule)
+    tdtype = checks.TORCH_DTYPES[dtype]
+    w = torch.randn(n, k, generator=rng) * 0.05
+    w[n // 2, 7] = 3.0  # a large outlier: its block's scale
+    packed, state = kq.quantize_4bit(w, quant_type, blocksize, double_quant=quant_type == "nf4")
+    qargs = quant_state_args(state)
+    dev = [t.cuda() if isinstance(t, torch.Tensor) else t for t in qargs]
+    x = torch.randn(1, k, generator=rng).to(tdtype)
+    for bias in (None, torch.randn(n, generator=rng).to(tdtype)):
+        out = ops.linear_4bit(x.cuda(), packed.cuda(), *dev, None if bias is None else bias.cuda(), quant_type,
+                              blocksize, n)
+        checks.assert_close_to(out.cpu(), reference.linear_4bit(x, packed, *qargs, bias, blocksize, n), tdtype)
+
+
 @needs_gpu
 @needs_nvcc
 @pytest.mark.parametrize("dtype", ACT_DTYPES + ("f32",))
