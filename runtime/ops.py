@@ -26,6 +26,9 @@ _DEVICES = ("cpu", "cuda")
 # M = 2048 that is ~0.85x of a bf16 linear, where the fused mma GEMM reaches 0.25x (bench/RESULTS.md).
 # Fewer rows keep the fused kernels (GEMV / GEMM), which read the packed weight only.
 CUDA_DEQUANT_GEMM_MIN_ROWS = 256
+# On sm90 with K % 64 == 0 the fused kernel is the warpgroup (wgmma) GEMM, faster than dequantize +
+# cuBLAS up to about this many rows (H100, bench/RESULTS.md "wgmma").
+CUDA_DEQUANT_GEMM_MIN_ROWS_SM90 = 1024
 # LLM.int8() on CUDA with more rows than this: the int8 x int8 -> int32 product goes to cuBLASLt
 # (torch._int_mm, which needs more than 16 rows), exact like the kernel's own int32 sums; the
 # kernel adds scales, outlier columns and bias (int8_linear.cu.j2). On an H100 this is 2-5x faster
@@ -136,7 +139,7 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor, absma
            lambda: f"linear_4bit: expected a bias of {out_features} {x.dtype} values, got "
            f"{None if bias is None else (bias.numel(), bias.dtype)}")
     rows_count = x.numel() // k if k else 0
-    if x.device.type == "cuda" and rows_count >= CUDA_DEQUANT_GEMM_MIN_ROWS and x.dtype != torch.float32:
+    if x.device.type == "cuda" and rows_count >= _dequant_gemm_min_rows(x.device, k) and x.dtype != torch.float32:
         deq = dispatch.lookup("dequantize_4bit", x.device, x.dtype, quant_type, blocksize)
         if deq is not None:  # many rows: dequantize once (a transient weight), then cuBLAS
             library, spec = deq
@@ -173,6 +176,13 @@ def _sm_count(index: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
+
+
+def _dequant_gemm_min_rows(device: torch.device, k: int) -> int:
+    """Rows from which a CUDA 4-bit linear dequantizes the weight and runs cuBLAS instead of fusing."""
+    if k % 64 == 0 and _capability(device.index or 0) == (9, 0):
+        return CUDA_DEQUANT_GEMM_MIN_ROWS_SM90
+    return CUDA_DEQUANT_GEMM_MIN_ROWS
 
 
 def _gemm_k_splits(rows: torch.Tensor, n: int) -> int:

@@ -75,8 +75,7 @@ def build(target: str, specs: list[KernelSpec], ptx: bool = False):
     lib = render_library(specs)
     sources = dict(lib.sources)
     if ptx:
-        arch = target.removeprefix("sm")
-        sources["CMakeLists.txt"] = sources["CMakeLists.txt"].replace(f"{arch}-real", f"{arch}-virtual")
+        sources["CMakeLists.txt"] = sources["CMakeLists.txt"].replace("-real", "-virtual")
     start = time.perf_counter()
     path = build_library(lib.module_name, sources, True, [s.name for s in lib.specs])
     return time.perf_counter() - start, path, lib
@@ -100,6 +99,8 @@ def ptxas_report(target: str, specs: list[KernelSpec], jobs: int) -> tuple[list[
     """Compile each kernel source alone with -Xptxas -v. Returns (problems, per-kernel info lines)."""
     lib = render_library(specs)
     arch = target.removeprefix("sm")
+    # sm90 builds as sm_90a (wgmma), as the library's CMakeLists does
+    gencode = "-gencode=arch=compute_90a,code=sm_90a" if arch == "90" else f"-arch=sm_{arch}"
     problems, info = [], []
     with tempfile.TemporaryDirectory(prefix="kbitc-ptxas-") as tmp:
         for name, text in lib.sources.items():
@@ -107,7 +108,7 @@ def ptxas_report(target: str, specs: list[KernelSpec], jobs: int) -> tuple[list[
         kernels = [n for n in lib.sources if n.endswith(".cu")]
 
         def compile_one(name: str) -> tuple[str, int, str]:
-            cmd = ["nvcc", f"-arch=sm_{arch}", "-std=c++17", "-O3", "-lineinfo", "-c", name, "-o", os.devnull,
+            cmd = ["nvcc", gencode, "-std=c++17", "-O3", "-lineinfo", "-c", name, "-o", os.devnull,
                    "-Xptxas", "-v", "-Xptxas", "-warn-spills", "-Xptxas", "-warn-lmem-usage",
                    "-Xcompiler", "-Wall", "-I."]
             proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)

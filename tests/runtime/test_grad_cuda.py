@@ -69,6 +69,31 @@ def test_4bit_grad_input_on_gpu(gpu_target, dtype, quant_type, blocksize, rng):
             _check(x.grad, ref.double(), tdtype)
 
 
+# Shapes of the sm90 warpgroup (wgmma) input gradient (16-bit, n % 64 == 0, k % 32 == 0): k not a
+# multiple of the 128-row tile (96, 1056), one row, token counts around the 64 / 128 tile widths.
+WGMMA_SHAPES = [(64, 96), (192, 1056), (2048, 512)]
+
+
+@needs_gpu
+@needs_nvcc
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("quant_type,blocksize", CASES_4BIT)
+def test_wgmma_grad_input_on_gpu(gpu_target, dtype, quant_type, blocksize, rng):
+    if gpu_target != "sm90":
+        pytest.skip("the wgmma input gradient is the sm90 path; this GPU is " + gpu_target)
+    tdtype = DTYPES[dtype]
+    for n, k in WGMMA_SHAPES:
+        w = torch.randn(n, k, generator=rng) * 0.1
+        w[n // 2, 5] = 4.0  # a large outlier: its block's scale
+        packed, state = kq.quantize_4bit(w, quant_type, blocksize, double_quant=quant_type == "nf4")
+        w_hat = kq.dequantize_4bit(packed, state).double()
+        qargs = [t.cuda() if isinstance(t, torch.Tensor) else t for t in quant_state_args(state)]
+        for m in (1, 63, 64, 130, 1000):
+            g = torch.randn(m, n, generator=rng).to(tdtype)
+            got = ops.linear_4bit_grad_input(g.cuda(), packed.cuda(), *qargs, quant_type, blocksize, k)
+            _check(got, g.double() @ w_hat, tdtype)
+
+
 @needs_gpu
 @needs_nvcc
 @pytest.mark.parametrize("dtype", list(DTYPES))

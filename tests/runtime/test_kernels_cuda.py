@@ -110,6 +110,41 @@ def test_gemv1_on_gpu(gpu_target, n, k, dtype, quant_type, blocksize, rng):
         checks.assert_close_to(out.cpu(), reference.linear_4bit(x, packed, *qargs, bias, blocksize, n), tdtype)
 
 
+# Shapes of the sm90 warpgroup (wgmma) GEMM (K % 64 == 0, M > 32): n not a multiple of the 128-row
+# tile, token counts around the 64 / 128 tile widths, and M = 1000 (past ops.py's dequantize + cuBLAS
+# threshold, forced through the fused kernel here). 4096 x 4096 at M = 100 splits K.
+WGMMA_SHAPES = [(130, 192, (33, 64, 65, 128, 129, 1000)), (1000, 1024, (40, 200)), (4096, 4096, (100,))]
+
+
+@needs_gpu
+@needs_nvcc
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+@pytest.mark.parametrize("quant_type,blocksize", CASES_4BIT)
+def test_wgmma_gemm_on_gpu(gpu_target, dtype, quant_type, blocksize, rng, monkeypatch):
+    import kbitc.quant as kq
+    from kbitc.runtime import ops, reference
+    from kbitc.runtime.reference import quant_state_args
+
+    if gpu_target != "sm90":
+        pytest.skip("the wgmma GEMM is the sm90 path; this GPU is " + gpu_target)
+    monkeypatch.setattr(ops, "CUDA_DEQUANT_GEMM_MIN_ROWS", 1 << 30)  # always the fused kernel
+    monkeypatch.setattr(ops, "CUDA_DEQUANT_GEMM_MIN_ROWS_SM90", 1 << 30)
+    tdtype = checks.TORCH_DTYPES[dtype]
+    for n, k, ms in WGMMA_SHAPES:
+        w = torch.randn(n, k, generator=rng) * 0.05
+        w[n // 2, 7] = 3.0  # a large outlier: its block's scale
+        packed, state = kq.quantize_4bit(w, quant_type, blocksize, double_quant=quant_type == "nf4")
+        qargs = quant_state_args(state)
+        dev = [t.cuda() if isinstance(t, torch.Tensor) else t for t in qargs]
+        for m in ms:
+            x = torch.randn(m, k, generator=rng).to(tdtype)
+            x[0, 3] = 40.0  # an activation outlier
+            bias = torch.randn(n, generator=rng).to(tdtype) if m % 2 else None
+            out = ops.linear_4bit(x.cuda(), packed.cuda(), *dev, None if bias is None else bias.cuda(), quant_type,
+                                  blocksize, n)
+            checks.assert_close_to(out.cpu(), reference.linear_4bit(x, packed, *qargs, bias, blocksize, n), tdtype)
+
+
 @needs_gpu
 @needs_nvcc
 @pytest.mark.parametrize("dtype", ACT_DTYPES + ("f32",))
