@@ -28,7 +28,7 @@ _DEVICES = ("cpu", "cuda")
 CUDA_DEQUANT_GEMM_MIN_ROWS = 256
 # On sm90 with K % 64 == 0 the fused kernel is the warpgroup (wgmma) GEMM, faster than dequantize +
 # cuBLAS up to about this many rows (H100, bench/RESULTS.md "wgmma").
-CUDA_DEQUANT_GEMM_MIN_ROWS_SM90 = 1024
+CUDA_DEQUANT_GEMM_MIN_ROWS_SM90 = 512
 # LLM.int8() on CUDA with more rows than this: the int8 x int8 -> int32 product goes to cuBLASLt
 # (torch._int_mm, which needs more than 16 rows), exact like the kernel's own int32 sums; the
 # kernel adds scales, outlier columns and bias (int8_linear.cu.j2). On an H100 this is 2-5x faster
