@@ -48,7 +48,9 @@ FULL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_
             num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, batch=4, seq=1024)
 TINY = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, vocab_size=1000, max_position_embeddings=256, batch=2, seq=128)
-NAMES = {"kbitc": "kbitc NF4 + kbitc.lora", "bf16": "bf16 LoRA (PEFT)", "bnb": "bitsandbytes NF4 + PEFT"}
+NAMES = {"kbitc": "kbitc NF4 + kbitc.lora", "bf16": "bf16 LoRA (PEFT)", "bnb": "bitsandbytes NF4 + PEFT",
+         "kbitc-graph": "kbitc NF4 + kbitc.lora, CUDA graph step", "bf16-graph": "bf16 LoRA (PEFT), CUDA graph step"}
+GRAPH = "-graph"  # a contender name with this suffix runs its step through kbitc.lora.CudaGraphStep
 START = time.perf_counter()
 
 
@@ -173,6 +175,7 @@ def make_bnb(folder: Path, tmp: Path, args, adapter_dtype: torch.dtype):
 
 
 MAKERS = {"kbitc": make_kbitc, "bf16": make_bf16, "bnb": make_bnb}
+CONTENDERS = list(MAKERS) + ["kbitc" + GRAPH, "bf16" + GRAPH]
 
 
 def run_contender(name: str, folder: Path, tmp: Path, args, ids: torch.Tensor, adapter_dtype: torch.dtype) -> dict:
@@ -180,7 +183,7 @@ def run_contender(name: str, folder: Path, tmp: Path, args, ids: torch.Tensor, a
     free(args.device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    model, params = MAKERS[name](folder, tmp, args, adapter_dtype)
+    model, params = MAKERS[name.removesuffix(GRAPH)](folder, tmp, args, adapter_dtype)
     model.train()
     weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
     n_train = sum(p.numel() for p in params)
@@ -192,7 +195,7 @@ def run_contender(name: str, folder: Path, tmp: Path, args, ids: torch.Tensor, a
     opt = make_optimizer(args.optimizer, params, args.lr)
     log(f"{name}: {n_train / 1e6:.2f}M trainable params ({params[0].dtype}), {_gib(weights_gib)} GiB allocated")
 
-    def step() -> float:
+    def eager_step() -> torch.Tensor:
         loss = lm_loss(model(input_ids=ids).logits, ids)
         loss.backward()
         opt.step()
@@ -202,6 +205,14 @@ def run_contender(name: str, folder: Path, tmp: Path, args, ids: torch.Tensor, a
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
+    step = eager_step
+    if name.endswith(GRAPH):  # forward + loss + backward replayed as one graph; opt.step() after it, eagerly
+        import kbitc
+
+        graphed = kbitc.lora.CudaGraphStep(lambda x: lm_loss(model(input_ids=x).logits, x), params, (ids,),
+                                           optimizer=opt)
+        step = lambda: graphed(ids)  # noqa: E731
+        log(f"{name}: captured the step in {time.perf_counter() - t:.1f} s")
     losses = [float(step()) for _ in range(args.warmup)]  # first = initial loss (fresh adapters add 0)
     sync(args.device)
     log(f"{name}: {args.warmup} warm-up steps in {time.perf_counter() - t:.1f} s, losses "
@@ -252,7 +263,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="hidden 256, 2 layers, vocab 1000, batch 2 x 128")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--contenders", default="kbitc,bf16,bnb")
+    parser.add_argument("--contenders", default="kbitc,kbitc-graph,bf16,bf16-graph,bnb",
+                        help="comma-separated; a -graph suffix captures the step as a CUDA graph (CUDA only)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, help="override the batch size")
@@ -271,9 +283,9 @@ def main() -> None:
     shape["batch"] = args.batch or shape["batch"]
     shape["seq"] = args.seq or shape["seq"]
     names = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    unknown = set(names) - set(MAKERS)
+    unknown = set(names) - set(CONTENDERS)
     if unknown:
-        parser.error(f"unknown contenders {sorted(unknown)}; expected some of {sorted(MAKERS)}")
+        parser.error(f"unknown contenders {sorted(unknown)}; expected some of {CONTENDERS}")
     if args.device.startswith("cuda"):
         assert torch.cuda.is_available(), "--device cuda needs a CUDA GPU (use --device cpu --tiny to smoke-test)"
         device_name = torch.cuda.get_device_name(torch.device(args.device))

@@ -22,6 +22,7 @@ import torch
 
 from kbitc.runtime import lora
 from kbitc.runtime.errors import KbitcError
+from kbitc.runtime.graph_step import CudaGraphStep
 from kbitc.runtime.generate import load_tokenizer
 from kbitc.runtime.loader import load
 
@@ -53,10 +54,13 @@ class FinetuneConfig:
     eval_windows: int = 32
     seed: int = 0
     device: str = "cpu"
+    cuda_graph: bool = False  # capture the step as one CUDA graph (runtime/graph_step.py); CUDA only
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise FinetuneError(f"expected optimizer in {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.cuda_graph and not self.device.startswith("cuda"):
+            raise FinetuneError(f"cuda_graph needs a CUDA device, got device={self.device!r}")
         if self.steps < 0 or self.batch_size < 1 or self.seq_len < 2 or not 0 < self.heldout_fraction < 1:
             raise FinetuneError("expected steps >= 0, batch_size >= 1, seq_len >= 2 and 0 < heldout_fraction < 1, "
                                 f"got {self.steps}, {self.batch_size}, {self.seq_len}, {self.heldout_fraction}")
@@ -210,6 +214,7 @@ def finetune(artifact: str | Path, text: str, out: str | Path, cfg: FinetuneConf
     done = start  # completed steps
     t0 = time.perf_counter()
     bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc="finetune", unit="step")
+    graphed: Optional[CudaGraphStep] = None
     interrupted = _SigintFlag()
     try:
         with interrupted:
@@ -220,10 +225,15 @@ def finetune(artifact: str | Path, text: str, out: str | Path, cfg: FinetuneConf
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * _lr_factor(step, cfg)
                 ids = data.batch(cfg.batch_size, cfg.seq_len, generator).to(cfg.device)
-                loss = lm_loss(model, ids)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if cfg.cuda_graph:  # forward + backward replayed as one graph, then the optimizer step
+                    if graphed is None:
+                        graphed = CudaGraphStep(lambda x: lm_loss(model, x), params, (ids,), optimizer=optimizer)
+                    loss = graphed(ids)
+                else:
+                    loss = lm_loss(model, ids)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
                 losses.append(float(loss.detach()))
                 done = step + 1
                 if hasattr(bar, "set_postfix"):

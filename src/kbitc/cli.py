@@ -192,10 +192,13 @@ def generate(artifact, prompt, max_new_tokens, temperature, seed, device):
 @click.option("--heldout", default=0.1, show_default=True, help="Fraction of the text held out.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--cuda-graph", is_flag=True,
+              help="Capture each training step (forward + backward) as one CUDA graph and replay it: "
+                   "the step then costs one launch on the host (CUDA devices only).")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Continue from a checkpoint written on Ctrl-C (OUT/checkpoint).")
 def finetune(artifact, data, out, r, alpha, dropout, rslora, targets, steps, lr, batch_size, seq_len, optimizer,
-             heldout, seed, device, resume):
+             heldout, seed, device, cuda_graph, resume):
     """Train LoRA adapters (QLoRA) on a compiled causal LM's frozen k-bit weights.
 
     Prints the held-out perplexity before and after; the adapters load back with
@@ -206,7 +209,7 @@ def finetune(artifact, data, out, r, alpha, dropout, rslora, targets, steps, lr,
     try:
         cfg = FinetuneConfig(r=r, alpha=alpha, dropout=dropout, targets=list(targets) or None, use_rslora=rslora,
                              steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
-                             heldout_fraction=heldout, seed=seed, device=device)
+                             heldout_fraction=heldout, seed=seed, device=device, cuda_graph=cuda_graph)
         report = run_finetune(artifact, data.read_text(encoding="utf-8"), out, cfg, resume=resume,
                               progress=lambda it, **kw: tqdm(it, **kw))
     except KbitcError as exc:

@@ -6,8 +6,11 @@
     ...
     kbitc.lora.save(m, "adapters/")                 # loads into peft.PeftModel on the 16-bit model
     report = kbitc.lora.merge(m, "merged.kbit")     # fold into the base weights, re-quantize
+
+On CUDA, `kbitc.lora.CudaGraphStep` captures a whole training step as one CUDA graph (runtime/graph_step.py).
 """
 
+from kbitc.runtime.graph_step import CudaGraphStep, GraphStepError  # noqa: F401
 from kbitc.runtime.lora import (  # noqa: F401
     LoraAdapter, LoraConfig, LoraError, adapters, attach, config, load, quantized_layers, save, trainable_parameters,
 )

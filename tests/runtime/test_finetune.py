@@ -80,6 +80,8 @@ def test_bad_inputs_are_clear_errors(artifact, tmp_path):
         finetune(artifact, "In the beginning", tmp_path / "x", FinetuneConfig(**CFG))
     with pytest.raises(FinetuneError, match="optimizer"):
         FinetuneConfig(optimizer="sgd9bit")
+    with pytest.raises(FinetuneError, match="cuda_graph needs a CUDA device"):
+        FinetuneConfig(cuda_graph=True, device="cpu")
     with pytest.raises(FinetuneError, match="not a kbitc finetune checkpoint"):
         finetune(artifact, TEXT, tmp_path / "x", FinetuneConfig(**CFG), resume=tmp_path)
 
