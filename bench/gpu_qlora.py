@@ -49,8 +49,11 @@ FULL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_
 TINY = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, vocab_size=1000, max_position_embeddings=256, batch=2, seq=128)
 NAMES = {"kbitc": "kbitc NF4 + kbitc.lora", "bf16": "bf16 LoRA (PEFT)", "bnb": "bitsandbytes NF4 + PEFT",
-         "kbitc-graph": "kbitc NF4 + kbitc.lora, CUDA graph step", "bf16-graph": "bf16 LoRA (PEFT), CUDA graph step"}
+         "kbitc-graph": "kbitc NF4 + kbitc.lora, CUDA graph step", "bf16-graph": "bf16 LoRA (PEFT), CUDA graph step",
+         "kbitc-compile-graph": "kbitc NF4 + kbitc.lora, torch.compile + CUDA graph step",
+         "bf16-compile-graph": "bf16 LoRA (PEFT), torch.compile + CUDA graph step"}
 GRAPH = "-graph"  # a contender name with this suffix runs its step through kbitc.lora.CudaGraphStep
+COMPILE = "-compile"  # ... and this one (before -graph) runs the model through torch.compile
 START = time.perf_counter()
 
 
@@ -175,7 +178,7 @@ def make_bnb(folder: Path, tmp: Path, args, adapter_dtype: torch.dtype):
 
 
 MAKERS = {"kbitc": make_kbitc, "bf16": make_bf16, "bnb": make_bnb}
-CONTENDERS = list(MAKERS) + ["kbitc" + GRAPH, "bf16" + GRAPH]
+CONTENDERS = list(MAKERS) + [b + GRAPH for b in ("kbitc", "bf16")] + [b + COMPILE + GRAPH for b in ("kbitc", "bf16")]
 
 
 def run_contender(name: str, folder: Path, tmp: Path, args, ids: torch.Tensor, adapter_dtype: torch.dtype) -> dict:
@@ -183,7 +186,7 @@ def run_contender(name: str, folder: Path, tmp: Path, args, ids: torch.Tensor, a
     free(args.device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    model, params = MAKERS[name.removesuffix(GRAPH)](folder, tmp, args, adapter_dtype)
+    model, params = MAKERS[name.removesuffix(GRAPH).removesuffix(COMPILE)](folder, tmp, args, adapter_dtype)
     model.train()
     weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
     n_train = sum(p.numel() for p in params)
@@ -206,11 +209,13 @@ def run_contender(name: str, folder: Path, tmp: Path, args, ids: torch.Tensor, a
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     step = eager_step
+    if COMPILE in name:  # nn.Module.compile, in place: the kbitc model / the PEFT model
+        model.compile()
     if name.endswith(GRAPH):  # forward + loss + backward replayed as one graph; opt.step() after it, eagerly
         import kbitc
 
         graphed = kbitc.lora.CudaGraphStep(lambda x: lm_loss(model(input_ids=x).logits, x), params, (ids,),
-                                           optimizer=opt)
+                                           optimizer=opt, check_sync=name.startswith("kbitc"))
         step = lambda: graphed(ids)  # noqa: E731
         log(f"{name}: captured the step in {time.perf_counter() - t:.1f} s")
     losses = [float(step()) for _ in range(args.warmup)]  # first = initial loss (fresh adapters add 0)

@@ -55,6 +55,7 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "cpu"
     cuda_graph: bool = False  # capture the step as one CUDA graph (runtime/graph_step.py); CUDA only
+    compile: bool = False  # run the model through torch.compile (fuses the ops between kbitc kernels)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -203,6 +204,8 @@ def finetune(artifact: str | Path, text: str, out: str | Path, cfg: FinetuneConf
         lora.attach(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
                     use_rslora=cfg.use_rslora)
     params = lora.trainable_parameters(model)
+    if cfg.compile:  # in place (nn.Module.compile): model.program stays the GraphModule kbitc.lora works on
+        model.compile()
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])

@@ -20,6 +20,7 @@ the capture only; the parameters change only when the caller steps.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -31,13 +32,19 @@ class GraphStepError(KbitcError):
     """The step cannot be captured (not on CUDA, a host synchronization inside) or a call does not match it."""
 
 
+def _set_sync_debug_mode(mode) -> None:
+    with warnings.catch_warnings():  # "a prototype feature" on every call
+        warnings.simplefilter("ignore", UserWarning)
+        torch.cuda.set_sync_debug_mode(mode)
+
+
 class CudaGraphStep:
     """loss_fn(*inputs) -> scalar loss and its backward into `params`' .grad as one CUDA graph; a call
     with new inputs replays it, steps `optimizer` (if given) and returns the new loss."""
 
     def __init__(self, loss_fn: Callable[..., torch.Tensor], params: Sequence[torch.nn.Parameter],
                  example_inputs: Sequence[torch.Tensor], optimizer: Optional[torch.optim.Optimizer] = None,
-                 warmup: int = 2):
+                 warmup: int = 2, check_sync: bool = True):
         self.params = list(params)
         if not self.params or not all(p.requires_grad for p in self.params):
             raise GraphStepError("expected a non-empty list of parameters that require grad")
@@ -48,7 +55,7 @@ class CudaGraphStep:
         self.optimizer = optimizer
         self._inputs = [t.detach().clone() for t in example_inputs]
         self._graph = torch.cuda.CUDAGraph()
-        self._warm_up(loss_fn, warmup)
+        self._warm_up(loss_fn, warmup, check_sync)
         try:
             with torch.cuda.graph(self._graph):
                 loss = loss_fn(*self._inputs)
@@ -65,18 +72,20 @@ class CudaGraphStep:
         if missing:
             raise GraphStepError(f"{missing} of the {len(self.params)} parameters got no gradient from the loss")
 
-    def _warm_up(self, loss_fn, warmup: int) -> None:
+    def _warm_up(self, loss_fn, warmup: int, check_sync: bool) -> None:
         """Run forward + backward a few times on a side stream before capture: lazy initialisation
-        (cuBLAS workspaces, kernel attributes, autograd state) must not happen inside the capture. The
-        last run forbids host synchronization (torch's sync debug mode), so a step that cannot be
-        captured fails here, cleanly: a capture that fails midway leaves torch's CUDA RNG unusable."""
+        (cuBLAS workspaces, kernel attributes, autograd state) must not happen inside the capture. With
+        check_sync the last run forbids host synchronization (torch's sync debug mode), so a step that
+        cannot be captured fails here, cleanly: a capture that fails midway leaves torch's CUDA RNG
+        unusable. (Code that skips its synchronizing checks while a capture runs, as Hugging Face's
+        mask helpers do, needs check_sync=False; a kbitc program has no such branches.)"""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(max(0, warmup - 1)):
                 loss_fn(*self._inputs).backward()
             previous = torch.cuda.get_sync_debug_mode()
-            torch.cuda.set_sync_debug_mode("error")
+            _set_sync_debug_mode("error" if check_sync else previous)
             try:
                 loss_fn(*self._inputs).backward()
             except RuntimeError as exc:
@@ -88,7 +97,7 @@ class CudaGraphStep:
                                      "that (.item(), .cpu(), printing a CUDA tensor, data-dependent shapes): "
                                      "remove it from the step or train eagerly") from exc
             finally:
-                torch.cuda.set_sync_debug_mode(previous)
+                _set_sync_debug_mode(previous)
         torch.cuda.current_stream().wait_stream(side)
         for p in self.params:
             p.grad = None  # the captured backward allocates the gradients from the graph's pool

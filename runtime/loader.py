@@ -26,6 +26,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
     if verify:
         verify_files(root, manifest)
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        # the program's device arguments must name the index: torch.compile's metadata asserts compare
+        # devices exactly ("cuda" != "cuda:0")
+        device = torch.device("cuda", torch.cuda.current_device())
     _load_kernels(root, manifest, device)
     try:
         program = torch.export.load(str(root / PROGRAM))

@@ -195,10 +195,13 @@ def generate(artifact, prompt, max_new_tokens, temperature, seed, device):
 @click.option("--cuda-graph", is_flag=True,
               help="Capture each training step (forward + backward) as one CUDA graph and replay it: "
                    "the step then costs one launch on the host (CUDA devices only).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="Run the model through torch.compile: fuses the norms, activations and adds between kbitc "
+                   "kernels (the first steps take longer while it compiles).")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Continue from a checkpoint written on Ctrl-C (OUT/checkpoint).")
 def finetune(artifact, data, out, r, alpha, dropout, rslora, targets, steps, lr, batch_size, seq_len, optimizer,
-             heldout, seed, device, cuda_graph, resume):
+             heldout, seed, device, cuda_graph, compile_, resume):
     """Train LoRA adapters (QLoRA) on a compiled causal LM's frozen k-bit weights.
 
     Prints the held-out perplexity before and after; the adapters load back with
@@ -209,7 +212,8 @@ def finetune(artifact, data, out, r, alpha, dropout, rslora, targets, steps, lr,
     try:
         cfg = FinetuneConfig(r=r, alpha=alpha, dropout=dropout, targets=list(targets) or None, use_rslora=rslora,
                              steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
-                             heldout_fraction=heldout, seed=seed, device=device, cuda_graph=cuda_graph)
+                             heldout_fraction=heldout, seed=seed, device=device, cuda_graph=cuda_graph,
+                             compile=compile_)
         report = run_finetune(artifact, data.read_text(encoding="utf-8"), out, cfg, resume=resume,
                               progress=lambda it, **kw: tqdm(it, **kw))
     except KbitcError as exc:

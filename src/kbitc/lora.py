@@ -7,7 +7,8 @@
     kbitc.lora.save(m, "adapters/")                 # loads into peft.PeftModel on the 16-bit model
     report = kbitc.lora.merge(m, "merged.kbit")     # fold into the base weights, re-quantize
 
-On CUDA, `kbitc.lora.CudaGraphStep` captures a whole training step as one CUDA graph (runtime/graph_step.py).
+Faster steps: `m.compile()` (torch.compile, in place) fuses the ops between kbitc kernels, and on CUDA
+`kbitc.lora.CudaGraphStep` captures forward + backward as one CUDA graph (runtime/graph_step.py).
 """
 
 from kbitc.runtime.graph_step import CudaGraphStep, GraphStepError  # noqa: F401

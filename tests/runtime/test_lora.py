@@ -146,6 +146,33 @@ def test_autocast_bf16_training_step(artifacts, ids):
         assert float((p.grad - ref).norm() / ref.norm()) < 0.1
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_torch_compile_trains_like_eager(artifacts, ids, tmp_path, scheme, monkeypatch):
+    """model.compile() (torch.compile in place) traces the whole program, kbitc ops and their autograd
+    included, as one graph (fullgraph=True), gives eager's logits and gradients, and kbitc.lora still
+    works on the model."""
+    model = kbitc.load(artifacts[scheme])
+    L.attach(model, r=4, alpha=8)
+    _randomize_b(model)
+    eager = model(input_ids=ids).logits
+    eager.pow(2).mean().backward()
+    reference = [p.grad.clone() for p in L.trainable_parameters(model)]
+    model.zero_grad()
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")  # tests/conftest.py turns dynamo off for the process
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    model.compile(fullgraph=True)
+    logits = model(input_ids=ids).logits
+    logits.pow(2).mean().backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # it did compile
+    # float32 model; Inductor fuses and reorders the float32 math: measured relative errors 2.6e-7
+    # (logits) and 1.0e-6 (gradients)
+    assert float((logits - eager).norm() / eager.norm()) < 5e-6
+    for p, ref in zip(L.trainable_parameters(model), reference):
+        assert float((p.grad - ref).norm() / ref.norm()) < 2e-5
+    L.save(model, tmp_path / "adapters")
+    assert (tmp_path / "adapters" / "adapter_model.safetensors").is_file()
+
+
 def test_save_load_round_trip_and_peft_layout(artifacts, ids, tmp_path):
     model = kbitc.load(artifacts["int8"])
     L.attach(model, r=4, alpha=16, dropout=0.1, targets=["*o_proj", "*up_proj"], use_rslora=True)
