@@ -108,3 +108,13 @@ def test_cli_finetune(artifact, tmp_path):
     assert "held-out perplexity" in result.output
     assert sorted(json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"]) == [
         f"model.layers.{i}.self_attn.q_proj" for i in range(4)]
+
+
+def test_cli_cuda_graph_needs_a_cuda_device(artifact, tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    result = CliRunner().invoke(main, ["finetune", str(artifact), "--data", str(data), "--out", str(tmp_path / "a"),
+                                       "--steps", "1", "--cuda-graph", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert "cuda_graph needs a CUDA device" in result.output
+    assert not (tmp_path / "a").exists()
