@@ -164,6 +164,10 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor, absma
 # 132-SM H100: 64 tiles for 4096 x 4096 at M = 128) most SMs idle, so K is split to give each SM
 # about GEMM_BLOCKS_PER_SM blocks, at least GEMM_MIN_SPLIT_STEPS k steps of 128 each.
 GEMM_BLOCKS_PER_SM = 3
+# From this many rows the CUDA 4-bit linear may run the tiled GEMM (M <= 32: 8 / 16 / 32-row x tiles
+# when the layer has >= 4096 outputs; linear_4bit.cu.j2's gmm and gmn), below it only the GEMVs, which
+# take no workspace.
+CUDA_GEMM_MIN_ROWS = 9
 GEMM_MIN_SPLIT_STEPS = 4
 GEMM_MAX_SPLITS = 8
 
@@ -187,7 +191,7 @@ def _dequant_gemm_min_rows(device: torch.device, k: int) -> int:
 
 def _gemm_k_splits(rows: torch.Tensor, n: int) -> int:
     m, k = rows.shape
-    if rows.device.type != "cuda" or rows.dtype == torch.float32 or m <= 32:
+    if rows.device.type != "cuda" or rows.dtype == torch.float32 or m < CUDA_GEMM_MIN_ROWS:
         return 1
     tiles, sms = -(-n // 128) * -(-m // 64), _sm_count(rows.device.index or 0)
     if tiles >= sms:  # measured on the H100: splitting 172 or 224 tiles in two was slower

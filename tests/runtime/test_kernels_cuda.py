@@ -182,6 +182,35 @@ def test_split_k_gemm_on_gpu(gpu_target, m, rng):
         checks.assert_close_to(out.cpu(), reference.linear_4bit(x, packed, *qargs, bias, 64, n), torch.bfloat16)
 
 
+# M <= 32 through the tiled GEMM with 16 / 32-row x tiles and K split over blocks (linear_4bit.cu.j2
+# small_m_takes_gemm: M = 17..32 from 4096 outputs, M = 9..16 from 8192). n % 128 == 1 leaves a last
+# tile of one row, k % 128 == 64 a short last step; blocksize 4096 blocks cross rows.
+@needs_gpu
+@needs_nvcc
+@pytest.mark.parametrize("n,ms", [(4097, (17, 32)), (8193, (9, 16))])
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+@pytest.mark.parametrize("quant_type,blocksize", CASES_4BIT)
+def test_small_m_gemm_on_gpu(gpu_target, n, ms, dtype, quant_type, blocksize, rng):
+    import kbitc.quant as kq
+    from kbitc.runtime import ops, reference
+    from kbitc.runtime.reference import quant_state_args
+
+    k = 4160
+    tdtype = checks.TORCH_DTYPES[dtype]
+    w = torch.randn(n, k, generator=rng) * 0.05
+    w[n - 1, 100] = 4.0  # a large outlier in the last tile's only row
+    packed, state = kq.quantize_4bit(w, quant_type, blocksize, double_quant=quant_type == "nf4")
+    qargs = quant_state_args(state)
+    dev = [t.cuda() if isinstance(t, torch.Tensor) else t for t in qargs]
+    for m in ms:
+        x = torch.randn(m, k, generator=rng).to(tdtype)
+        assert ops._gemm_k_splits(x.cuda(), n) > 1  # the case under test
+        bias = torch.randn(n, generator=rng).to(tdtype) if m % 2 else None
+        out = ops.linear_4bit(x.cuda(), packed.cuda(), *dev, None if bias is None else bias.cuda(), quant_type,
+                              blocksize, n)
+        checks.assert_close_to(out.cpu(), reference.linear_4bit(x, packed, *qargs, bias, blocksize, n), tdtype)
+
+
 @needs_gpu
 @needs_nvcc
 @pytest.mark.parametrize("dtype", ACT_DTYPES)
